@@ -1,0 +1,1 @@
+"""Provider connectors (Twilio, Termii, SendGrid, Mailgun, FCM, APNs) and the provider simulator."""

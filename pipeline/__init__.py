@@ -1,0 +1,1 @@
+"""The notification pipeline: stages, state, API and the one CLI (`notify`, or `python -m pipeline`)."""
