@@ -167,7 +167,7 @@ class KafkaService(LocalService):
             )
         owned = OwnedProcess.of(process.pid)
         if owned is None:
-            raise StackError(f"Kafka exited at once:\n{tail_file(console)}")
+            raise StackError(f"kafka exited at once; last lines of {console}:\n{tail_file(console)}")
         return owned
 
     def failure_log(self) -> str:

@@ -1,0 +1,97 @@
+"""docker-compose.kafka.yml cannot run here (no Docker engine); it must still describe the local stack exactly."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER
+from pipeline.stack.common import find_binary
+from pipeline.stack.kafka import kafka_version, server_properties
+
+REPO = Path(__file__).resolve().parent.parent
+# settings that only make sense inside a container (addresses, data folder)
+CONTAINER_SPECIFIC = {"listeners", "advertised.listeners", "controller.quorum.bootstrap.servers", "log.dirs"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    parsed: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.kafka.yml").read_text())
+    return parsed
+
+
+def published(service: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """container port -> (host address, host port)"""
+    result = {}
+    for mapping in service["ports"]:
+        host, host_port, container_port = mapping.split(":")
+        result[int(container_port)] = (host, int(host_port))
+    return result
+
+
+def image_tag(service: dict[str, Any]) -> str:
+    return str(service["image"]).rsplit(":", 1)[1]
+
+
+def test_compose_has_the_local_stack_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"kafka", "postgres", "redis", "prometheus"}
+    for name, service in compose["services"].items():
+        assert "healthcheck" in service, f"{name} needs a health check"
+        for host, _ in published(service).values():
+            assert host == "127.0.0.1", f"{name} must publish on loopback only"
+
+
+def test_kafka_is_the_same_version_port_and_settings(compose: dict[str, Any]) -> None:
+    settings = config.load({})
+    kafka = compose["services"]["kafka"]
+    assert image_tag(kafka) == kafka_version()
+    assert published(kafka)[9092] == ("127.0.0.1", settings.kafka_port)
+    env = kafka["environment"]
+    local = dict(line.split("=", 1) for line in server_properties(settings, Path("/data")).splitlines()
+                 if line and not line.startswith("#"))
+    for key, value in local.items():
+        if key in CONTAINER_SPECIFIC:
+            continue
+        env_key = "KAFKA_" + key.upper().replace(".", "_")
+        assert env.get(env_key) == value, f"{env_key} should be {value!r} as in the local stack"
+    assert env["KAFKA_HEAP_OPTS"] == f"-Xms{settings.kafka_heap} -Xmx{settings.kafka_heap}"
+
+
+def test_postgres_is_the_same_major_version_port_and_credentials(compose: dict[str, Any]) -> None:
+    settings = config.load({})
+    postgres = compose["services"]["postgres"]
+    pg_ctl = find_binary("pg_ctl")
+    assert pg_ctl is not None, "Debian's PostgreSQL must be installed (`notify stack up` installs it)"
+    local_major = re.search(r"/postgresql/(\d+)/", str(Path(pg_ctl).resolve()))
+    assert local_major is not None
+    assert image_tag(postgres) == local_major.group(1)
+    assert published(postgres)[5432] == ("127.0.0.1", settings.postgres_port)
+    env = postgres["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
+        LOCAL_DB_USER, LOCAL_DB_PASSWORD, LOCAL_DB_NAME)
+
+
+def test_redis_is_the_same_version_and_port(compose: dict[str, Any]) -> None:
+    settings = config.load({})
+    redis = compose["services"]["redis"]
+    binary = find_binary("redis-server")
+    assert binary is not None, "Debian's redis-server must be installed (`notify stack up` installs it)"
+    version = re.search(r"v=(\d+\.\d+\.\d+)", subprocess.run([binary, "--version"], capture_output=True,
+                                                            text=True, check=True).stdout)
+    assert version is not None
+    assert image_tag(redis) == version.group(1)
+    assert published(redis)[6379] == ("127.0.0.1", settings.redis_port)
+
+
+def test_prometheus_uses_the_repo_config_on_the_stack_port(compose: dict[str, Any]) -> None:
+    settings = config.load({})
+    prometheus = compose["services"]["prometheus"]
+    assert published(prometheus)[9090] == ("127.0.0.1", settings.prometheus_port)
+    assert "./infra/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert yaml.safe_load((REPO / "infra" / "prometheus" / "prometheus.yml").read_text())["global"]
