@@ -49,7 +49,19 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     settings = config.settings()
     plan = topics.plan(settings) if args.action == "plan" else topics.apply(settings)
     print(plan.render())
-    return 0
+    return 1 if plan.errors else 0
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    from pipeline import serde
+
+    if args.action == "freeze":
+        written = serde.freeze()
+        print("\n".join(f"recorded {path}" for path in written) or "schemas: nothing to record")
+        return 0
+    problems = serde.check_history()
+    print("\n".join(f"! {problem}" for problem in problems) or "schemas: every schema is recorded and compatible")
+    return 1 if problems else 0
 
 
 def _cmd_kafka(args: argparse.Namespace) -> int:
@@ -86,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topics", help="show or apply the difference between topics/ and the cluster")
     p.add_argument("action", choices=["plan", "apply"])
     p.set_defaults(func=_cmd_topics)
+
+    p = sub.add_parser("schemas", help="check that schemas/ is recorded and compatible, or record a change")
+    p.add_argument("action", choices=["check", "freeze"])
+    p.set_defaults(func=_cmd_schemas)
 
     p = sub.add_parser(
         "kafka",

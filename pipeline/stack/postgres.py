@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 
+from pipeline import db
 from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
 from pipeline.errors import StackError
 from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text, wait_until
@@ -40,10 +41,7 @@ class PostgresService(LocalService):
 
     @property
     def address(self) -> str:
-        # never print a password
-        if self.external:
-            return psycopg.conninfo.make_conninfo(self.settings.dsn, password="***")
-        return f"127.0.0.1:{self.settings.postgres_port}/{LOCAL_DB_NAME}"
+        return db.describe(self.settings)  # never the password
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -58,7 +56,7 @@ class PostgresService(LocalService):
                 "/postgres")
 
     def ready(self, timeout_s: float = 3.0) -> bool:
-        return _ready(self.settings.dsn, timeout_s)
+        return db.ready(self.settings, timeout_s)
 
     def install(self) -> None:
         ensure_debian_packages({"pg_ctl": "postgresql", "initdb": "postgresql"})
