@@ -50,8 +50,9 @@ def consume_all(consumer: Consumer, expected: int, timeout_s: float = 30.0) -> l
         message = consumer.poll(0.5)
         if message is None:
             continue
-        assert message.error() is None or message.error().code() == KafkaError._PARTITION_EOF, message.error()
-        if message.error() is None:
+        error = message.error()
+        assert error is None or error.code() == KafkaError._PARTITION_EOF, error
+        if error is None:
             messages.append(message)
     return messages
 
@@ -113,7 +114,7 @@ def test_garbage_on_a_real_topic_decodes_to_the_clear_error(applied: Settings, u
 
 def test_a_misspelt_topic_is_an_error_not_a_new_topic(applied: Settings) -> None:
     producer = kafka.producer(applied, **{"message.timeout.ms": 3000})
-    errors: list[KafkaError] = []
+    errors: list[KafkaError | None] = []
     producer.produce(applied.topic("requests.critcal"), value=b"x", on_delivery=lambda err, msg: errors.append(err))
     producer.flush(10)
     assert len(errors) == 1 and errors[0] is not None
