@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import config
-from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER
+from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
 from pipeline.stack.common import find_binary
 from pipeline.stack.kafka import kafka_version, server_properties
 
@@ -63,7 +63,8 @@ def test_kafka_is_the_same_version_port_and_settings(compose: dict[str, Any]) ->
     assert env["KAFKA_HEAP_OPTS"] == f"-Xms{settings.kafka_heap} -Xmx{settings.kafka_heap}"
 
 
-def test_postgres_is_the_same_major_version_port_and_credentials(compose: dict[str, Any]) -> None:
+# These two compare with the Debian packages the stack installs: the `settings` fixture brings the stack up first.
+def test_postgres_is_the_same_major_version_port_and_credentials(compose: dict[str, Any], settings: Settings) -> None:
     settings = config.load({})
     postgres = compose["services"]["postgres"]
     pg_ctl = find_binary("pg_ctl")
@@ -77,7 +78,7 @@ def test_postgres_is_the_same_major_version_port_and_credentials(compose: dict[s
         LOCAL_DB_USER, LOCAL_DB_PASSWORD, LOCAL_DB_NAME)
 
 
-def test_redis_is_the_same_version_and_port(compose: dict[str, Any]) -> None:
+def test_redis_is_the_same_version_and_port(compose: dict[str, Any], settings: Settings) -> None:
     settings = config.load({})
     redis = compose["services"]["redis"]
     binary = find_binary("redis-server")

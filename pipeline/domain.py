@@ -1,0 +1,65 @@
+"""The pipeline's vocabulary: notification types, lanes, channels, statuses, and recipient checks.
+
+Plain data and pure functions only (no I/O), shared by the ingest API, the stages and the policies.
+The values match the Avro enums of schemas/ (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+NotificationType = Literal["otp", "transaction", "security", "price_alert", "portfolio", "marketing"]
+Lane = Literal["critical", "bulk"]
+Channel = Literal["sms", "email", "push"]
+
+NOTIFICATION_TYPES: Final[tuple[NotificationType, ...]] = (
+    "otp", "transaction", "security", "price_alert", "portfolio", "marketing")
+LANES: Final[tuple[Lane, ...]] = ("critical", "bulk")
+CHANNELS: Final[tuple[Channel, ...]] = ("sms", "email", "push")
+
+# A million-message marketing burst must never sit in front of an OTP: each lane has its own topics and groups.
+LANE_OF_TYPE: Final[dict[NotificationType, Lane]] = {
+    "otp": "critical",
+    "security": "critical",
+    "transaction": "critical",
+    "price_alert": "bulk",
+    "portfolio": "bulk",
+    "marketing": "bulk",
+}
+CRITICAL_TYPES: Final[frozenset[NotificationType]] = frozenset(
+    t for t, lane in LANE_OF_TYPE.items() if lane == "critical")
+
+# DeliveryEvent.status values (schemas/DeliveryEvent.avsc)
+EVENT_STATUSES: Final[tuple[str, ...]] = (
+    "received", "duplicate", "suppressed", "deferred", "rate_limited", "expired", "invalid", "sending",
+    "accepted", "delivered", "failed", "retry_scheduled", "unknown", "dead_lettered")
+
+# deliveries.state values (infra/migrations/0001_initial.sql)
+DELIVERY_STATES: Final[tuple[str, ...]] = (
+    "queued", "sending", "accepted", "delivered", "failed", "retry_scheduled", "unknown", "dead_lettered",
+    "suppressed", "expired")
+FINAL_DELIVERY_STATES: Final[frozenset[str]] = frozenset(
+    {"delivered", "failed", "dead_lettered", "suppressed", "expired"})
+
+
+def lane_for(notification_type: str) -> Lane:
+    """The lane of a notification type; ValueError for a type we do not know."""
+    try:
+        return LANE_OF_TYPE[notification_type]  # type: ignore[index]
+    except KeyError:
+        raise ValueError(f"unknown notification type {notification_type!r}; known: {', '.join(NOTIFICATION_TYPES)}")
+
+
+# E.164: '+', a country code that does not start with 0, at most 15 digits in all.
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# Deliberately simple: one '@', a dot in the domain, no spaces. The provider is the final judge.
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s.]{2,}$")
+
+
+def is_e164(phone: str) -> bool:
+    return bool(_E164.match(phone))
+
+
+def is_email(address: str) -> bool:
+    return len(address) <= 254 and bool(_EMAIL.match(address))
