@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from pipeline import config
@@ -26,13 +27,70 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """The main job: the stack, then every worker and the API in the foreground until Ctrl-C."""
+    import signal
+    import subprocess
+
     from pipeline import stack
 
     settings = config.settings()
     rc = stack.up(settings)
-    if rc == 0:
-        print("\nThe local stack is up. Stop it with `notify stack down` (or `make stack-down`).")
-    return rc
+    if rc != 0 or args.stack_only:
+        return rc
+    workers = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"])
+    api = subprocess.Popen([sys.executable, "-m", "pipeline", "api"])
+    print(f"\npipeline running: API on http://127.0.0.1:{settings.api_port} (OpenAPI at /openapi.json), "
+          f"API metrics on :{settings.api_port}/metrics, worker metrics on :{settings.metrics_port + 1}.. "
+          "\nCtrl-C stops the workers and the API (the stack keeps running: `notify stack down`).", flush=True)
+    try:
+        while workers.poll() is None and api.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    for child in (api, workers):
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in (api, workers):
+        try:
+            child.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pipeline.api.app import run_api
+
+    asyncio.run(run_api(config.settings(), port=args.port))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from pipeline.api import keys
+
+    settings = config.settings()
+    if args.action == "create":
+        key_id, api_key = keys.create_key(settings, args.name)
+        print(f"key id {key_id} for {args.name}; the key (shown once, store it now):\n{api_key}")
+        return 0
+    if args.action == "revoke":
+        revoked = keys.revoke_key(settings, args.name)
+        print(f"revoked {args.name}" if revoked else f"no active key {args.name}")
+        return 0 if revoked else 1
+    for info in keys.list_keys(settings):
+        print(f"{info.key_id}  {info.service:24} created {info.created_at:%Y-%m-%d %H:%M}  "
+              f"{'revoked ' + format(info.revoked_at, '%Y-%m-%d %H:%M') if info.revoked_at else 'active'}")
+    return 0
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from pipeline import events
+
+    events.tail(config.settings(), user=args.user, notification=args.notification,
+                from_beginning=args.from_beginning, as_json=args.json, limit=args.limit)
+    return 0
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -72,6 +130,17 @@ def _cmd_kafka(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline import worker
+
+    settings = config.settings()
+    if args.all:
+        return worker.run_all(settings)
+    if not (args.stage and args.lane):
+        raise SystemExit("notify worker: give --stage and --lane, or --all")
+    return worker.run_stage(settings, args.stage, args.lane)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     settings = config.settings()
     for name, setting in config.SETTINGS.items():
@@ -89,8 +158,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_cmd_stack)
 
-    p = sub.add_parser("run", help="the main job: bring the stack up and apply migrations and topics")
+    p = sub.add_parser("run", help="the main job: the stack (with migrations and topics), then the workers and "
+                       "the API in the foreground")
+    p.add_argument("--stack-only", action="store_true", help="bring the stack up and return")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("api", help="run the ingest API (127.0.0.1, NOTIFY_API_PORT)")
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=_cmd_api)
+
+    p = sub.add_parser("keys", help="API keys of upstream services: create SERVICE | revoke KEY_ID | list")
+    p.add_argument("action", choices=["create", "revoke", "list"])
+    p.add_argument("name", nargs="?", default="", help="service (create) or key id (revoke)")
+    p.set_defaults(func=_cmd_keys)
+
+    p = sub.add_parser("events", help="delivery events: `notify events tail [--user U] [--notification N]`")
+    p.add_argument("action", choices=["tail"])
+    p.add_argument("--user")
+    p.add_argument("--notification")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many events")
+    p.set_defaults(func=_cmd_events)
 
     p = sub.add_parser("migrate", help="apply database migrations (in order, recorded, idempotent)")
     p.set_defaults(func=_cmd_migrate)
@@ -112,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tool", help="topics | consumer-groups | console-consumer | console-producer | get-offsets")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_kafka)
+
+    p = sub.add_parser("worker", help="run stage workers: one (--stage S --lane L) or all of them (--all)")
+    p.add_argument("--stage", choices=["intake", "preferences", "routing"])
+    p.add_argument("--lane", choices=["critical", "bulk"])
+    p.add_argument("--all", action="store_true", help="every stage of both lanes, one process each")
+    p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("config", help="print every setting, its environment variable and its value")
     p.set_defaults(func=_cmd_config)

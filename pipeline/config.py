@@ -88,6 +88,15 @@ SETTINGS: dict[str, Setting] = {
         _topic_prefix),
     "db_pool_size": Setting("NOTIFY_DB_POOL_SIZE", "10", "Largest PostgreSQL connection pool per process.",
                             _positive_int),
+    "dedup_window_s": Setting(
+        "NOTIFY_DEDUP_WINDOW_S", "604800",
+        "How long intake remembers a (user, type, idempotency key) in its table (default 7 days); PostgreSQL's "
+        "unique key guards beyond it.", _positive_int),
+    "metrics_port": Setting(
+        "NOTIFY_METRICS_PORT", "59400",
+        "Base /metrics port: the API uses it, each worker process the next ones (127.0.0.1).", _port),
+    "api_port": Setting("NOTIFY_API_PORT", "58080", "Port of the ingest and settings API (127.0.0.1).", _port),
+    "log_level": Setting("NOTIFY_LOG_LEVEL", "WARNING", "Log level of workers and the API.", str),
     "ready_timeout_s": Setting(
         "NOTIFY_READY_TIMEOUT_S", "120", "How long `stack up` waits for each service to become ready.",
         _positive_int),
@@ -114,6 +123,10 @@ class Settings:
     schema_registry_url: str | None
     topic_prefix: str
     db_pool_size: int
+    dedup_window_s: int
+    metrics_port: int
+    api_port: int
+    log_level: str
     ready_timeout_s: int
     raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

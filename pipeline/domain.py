@@ -33,7 +33,7 @@ CRITICAL_TYPES: Final[frozenset[NotificationType]] = frozenset(
 # DeliveryEvent.status values (schemas/DeliveryEvent.avsc)
 EVENT_STATUSES: Final[tuple[str, ...]] = (
     "received", "duplicate", "suppressed", "deferred", "rate_limited", "expired", "invalid", "sending",
-    "accepted", "delivered", "failed", "retry_scheduled", "unknown", "dead_lettered")
+    "accepted", "delivered", "failed", "retry_scheduled", "unknown", "dead_lettered", "queued")
 
 # deliveries.state values (infra/migrations/0001_initial.sql)
 DELIVERY_STATES: Final[tuple[str, ...]] = (
@@ -48,7 +48,8 @@ def lane_for(notification_type: str) -> Lane:
     try:
         return LANE_OF_TYPE[notification_type]  # type: ignore[index]
     except KeyError:
-        raise ValueError(f"unknown notification type {notification_type!r}; known: {', '.join(NOTIFICATION_TYPES)}")
+        known = ", ".join(NOTIFICATION_TYPES)
+        raise ValueError(f"unknown notification type {notification_type!r}; known: {known}") from None
 
 
 # E.164: '+', a country code that does not start with 0, at most 15 digits in all.

@@ -1,0 +1,129 @@
+"""API-key authentication of the HTTP API: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+A key is verified by comparing sha256(secret) with the stored hash in constant time. Valid keys are cached per
+process for KEY_CACHE_TTL_S (5 s), so the database is asked at most once per key and interval: **a revoked key
+stops working within KEY_CACHE_TTL_S**. Unknown and revoked keys are never cached (a new key works at once), and
+malformed keys are refused without a lookup. When the database cannot answer, already cached keys keep
+working and others get 503 with Retry-After (never a 500, never a false 401).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import psycopg
+from aiohttp import web
+
+from pipeline.api import keys
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_CACHE_TTL_S: Final = 5.0
+KEY_CACHE_MAX_ENTRIES: Final = 10_000
+KEY_LOOKUP_TIMEOUT_S: Final = 3.0
+UNAVAILABLE_RETRY_AFTER_S: Final = 5
+# Reachable without a key: liveness, the API description, and the Prometheus scrape.
+DEFAULT_PUBLIC_PATHS: Final = frozenset({"/health/live", "/openapi.json", "/metrics"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AuthUnavailable(Exception):
+    """The key store could not be asked; the key may well be valid."""
+
+
+@dataclass(frozen=True)
+class _Cached:
+    key: keys.ActiveKey
+    until: float  # monotonic
+
+
+class KeyVerifier:
+    """Checks presented keys against api_keys, with a short positive cache."""
+
+    def __init__(self, settings: Settings, *, cache_ttl_s: float = KEY_CACHE_TTL_S,
+                 lookup_timeout_s: float = KEY_LOOKUP_TIMEOUT_S) -> None:
+        self._settings = settings
+        self._ttl_s = cache_ttl_s
+        self._lookup_timeout_s = lookup_timeout_s
+        self._cache: dict[str, _Cached] = {}
+
+    async def service_of(self, presented: str) -> str | None:
+        """The service a valid key belongs to; None for a malformed, unknown, revoked or wrong key.
+        AuthUnavailable when the database does not answer for a key not in the cache."""
+        parsed = keys.parse_key(presented)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is not None and cached.until > now:
+            active: keys.ActiveKey | None = cached.key
+        else:
+            try:
+                active = await keys.find_active_key(self._settings, key_id, timeout_s=self._lookup_timeout_s)
+            except (psycopg.Error, TimeoutError) as exc:
+                log.warning("API key lookup failed: %s", exc)
+                raise AuthUnavailable(str(exc)) from exc
+            self._remember(key_id, active, now)
+        if active is None or not hmac.compare_digest(keys.hash_secret(secret), active.key_hash):
+            return None
+        return active.service
+
+    def _remember(self, key_id: str, active: keys.ActiveKey | None, now: float) -> None:
+        if active is None:
+            self._cache.pop(key_id, None)
+            return
+        if len(self._cache) >= KEY_CACHE_MAX_ENTRIES:  # drop the oldest entry (dicts keep insertion order)
+            self._cache.pop(next(iter(self._cache)))
+        self._cache.pop(key_id, None)
+        self._cache[key_id] = _Cached(active, now + self._ttl_s)
+
+
+VERIFIER = web.AppKey("notify.key_verifier", KeyVerifier)
+PUBLIC_PATHS = web.AppKey("notify.public_paths", set[str])  # add a path here to serve it without a key
+SERVICE = web.RequestKey("notify.service", str)  # the authenticated caller, set on every authenticated request
+
+
+def presented_key(request: web.Request) -> str | None:
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("X-API-Key", "").strip() or None
+
+
+def _unauthorized(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=401,
+                             headers={"WWW-Authenticate": 'Bearer realm="notify"'})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in request.app[PUBLIC_PATHS]:
+        return await handler(request)
+    presented = presented_key(request)
+    if presented is None:
+        return _unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+    try:
+        service = await request.app[VERIFIER].service_of(presented)
+    except AuthUnavailable:
+        return web.json_response({"error": "cannot verify the API key right now; retry later"}, status=503,
+                                 headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)})
+    if service is None:
+        return _unauthorized("unknown, revoked or malformed API key")
+    request[SERVICE] = service
+    return await handler(request)
+
+
+def setup(app: web.Application, settings: Settings, *, cache_ttl_s: float = KEY_CACHE_TTL_S) -> None:
+    """Require a valid API key on every route of `app` except its public paths."""
+    app[VERIFIER] = KeyVerifier(settings, cache_ttl_s=cache_ttl_s)
+    app[PUBLIC_PATHS] = set(DEFAULT_PUBLIC_PATHS)
+    app.middlewares.append(auth_middleware)

@@ -1,0 +1,213 @@
+"""The ingest endpoints: validate, produce to the request lane, answer 202 once Kafka acknowledged.
+
+POST /v1/notifications          one request           -> 202 {"notification_id": ...}
+POST /v1/notifications:batch    {"notifications": []}  -> 202 {"notification_ids": [...]} (in order)
+
+400: not well-formed JSON. 413: body over MAX_BODY_BYTES. 422: well-formed, but not a valid request; the body
+names every wrong field. 503 with Retry-After: Kafka did not take it (retry with the same idempotency key: the
+pipeline drops duplicates). A batch is checked whole before anything is produced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+from aiohttp import web
+from prometheus_client import Counter
+
+from pipeline.api import auth
+from pipeline.client import FieldProblem, InvalidRequest, NotificationProducer, PreparedNotification, SendOutcome
+
+MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_BATCH: Final = 500
+KAFKA_RETRY_AFTER_S: Final = 5
+# RFC 3339 date-time: a time zone offset is required (a naive time would be guessed, and OTP expiry depends on it).
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+_TIMESTAMP_FIELDS: Final = ("created_at", "expires_at")
+
+NOTIFICATIONS = Counter(
+    "notify_api_notifications_total", "Notifications received by the ingest API, by lane and outcome "
+    "(accepted, invalid, unavailable).", ["lane", "outcome"])
+
+
+@dataclass
+class IngestState:
+    """What the handlers share; the producer is set when the app starts and cleared when it stops."""
+
+    producer: NotificationProducer | None = None
+
+
+INGEST = web.AppKey("notify.ingest", IngestState)
+
+
+def _json_error(status: type[web.HTTPException], message: str, details: Sequence[FieldProblem] = (),
+                headers: Mapping[str, str] | None = None, **extra: Any) -> NoReturn:
+    body: dict[str, Any] = {"error": message}
+    if details:
+        body["details"] = [problem.as_json() for problem in details]
+    body.update(extra)
+    raise status(text=json.dumps(body), content_type="application/json", headers=headers)
+
+
+def _no_constants(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _too_large(actual_size: int | None) -> NoReturn:
+    body = {"error": f"body larger than {MAX_BODY_BYTES} bytes", "max_size": MAX_BODY_BYTES}
+    raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=actual_size or MAX_BODY_BYTES + 1,
+                                        text=json.dumps(body), content_type="application/json")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The parsed body; 413 when over MAX_BODY_BYTES, 400 when not well-formed JSON."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        _too_large(request.content_length)
+    try:
+        raw = await request.read()  # aiohttp stops reading at the app's client_max_size
+    except web.HTTPRequestEntityTooLarge:  # a chunked body without Content-Length
+        _too_large(None)
+    try:
+        return json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        _json_error(web.HTTPBadRequest, f"body is not well-formed JSON: {exc}")
+
+
+def _parse_instant(value: Any, field: str, problems: list[FieldProblem]) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        problems.append(FieldProblem(field, "must be an RFC 3339 date-time with offset, e.g. 2026-05-01T12:00:00Z"))
+        return None
+    text = value.upper().replace(" ", "T")
+    fraction = re.search(r"\.(\d+)", text)
+    if fraction and len(fraction[1]) > 6:  # Python keeps microseconds; the schema keeps milliseconds anyway
+        text = text.replace(fraction[0], "." + fraction[1][:6])
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        problems.append(FieldProblem(field, "not a valid date-time"))
+        return None
+
+
+def prepare_item(producer: NotificationProducer, item: Any, service: str, prefix: str = ""
+                 ) -> tuple[PreparedNotification | None, list[FieldProblem]]:
+    """A JSON request as a prepared notification, or the problems with it (fields named under `prefix`).
+    source_service defaults to the calling key's service."""
+    where = prefix.rstrip(".") or "(body)"
+    if not isinstance(item, dict):
+        return None, [FieldProblem(where, "must be a JSON object")]
+    request = dict(item)
+    problems: list[FieldProblem] = []
+    for field in _TIMESTAMP_FIELDS:
+        if field in request:
+            request[field] = _parse_instant(request[field], field, problems)
+    if request.get("source_service") is None:
+        request["source_service"] = service
+    prepared = None
+    try:
+        prepared = producer.prepare(request)
+    except InvalidRequest as exc:
+        problems.extend(exc.problems)
+    if problems:
+        return None, [FieldProblem(f"{prefix}{p.field}" if p.field else where, p.problem) for p in problems]
+    return prepared, []
+
+
+def _producer(request: web.Request) -> NotificationProducer:
+    producer = request.app[INGEST].producer
+    if producer is None:  # only while starting or stopping
+        _json_error(web.HTTPServiceUnavailable, "the API is not ready", headers=_retry_after())
+    return producer
+
+
+def _retry_after() -> dict[str, str]:
+    return {"Retry-After": str(KAFKA_RETRY_AFTER_S)}
+
+
+def _count(outcomes: Sequence[SendOutcome]) -> None:
+    for outcome in outcomes:
+        NOTIFICATIONS.labels(outcome.lane, "accepted" if outcome.acked else "unavailable").inc()
+
+
+async def post_notification(request: web.Request) -> web.Response:
+    producer = _producer(request)
+    prepared, problems = prepare_item(producer, await read_json(request), request[auth.SERVICE])
+    if prepared is None:
+        NOTIFICATIONS.labels("unknown", "invalid").inc()
+        _json_error(web.HTTPUnprocessableEntity, "invalid notification request", problems)
+    (outcome,) = await producer.send_prepared([prepared])
+    _count([outcome])
+    if outcome.error is not None:
+        _json_error(web.HTTPServiceUnavailable, "Kafka did not take the notification; retry with the same "
+                    "idempotency_key", headers=_retry_after(), notification_id=outcome.notification_id,
+                    retryable=outcome.error.retryable, reason=outcome.error.reason)
+    return web.json_response({"notification_id": outcome.notification_id}, status=202)
+
+
+def _duplicates(prepared: Sequence[PreparedNotification]) -> dict[int, FieldProblem]:
+    """Items that repeat an earlier item's (user_id, type, idempotency_key), by index: the pipeline would drop
+    them as duplicates, which the caller surely did not mean."""
+    first: dict[tuple[str, str, str], int] = {}
+    problems: dict[int, FieldProblem] = {}
+    for index, item in enumerate(prepared):
+        identity = (item.request["user_id"], item.request["type"], item.request["idempotency_key"])
+        if identity in first:
+            problems[index] = FieldProblem(f"notifications[{index}].idempotency_key",
+                                           f"repeats notifications[{first[identity]}] (same user_id and type)")
+        first.setdefault(identity, index)
+    return problems
+
+
+async def post_batch(request: web.Request) -> web.Response:
+    producer = _producer(request)
+    body = await read_json(request)
+    items = body.get("notifications") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) - {"notifications"}:
+        _json_error(web.HTTPUnprocessableEntity, "invalid batch",
+                    [FieldProblem("(body)", 'must be an object with only "notifications": [...]')])
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        _json_error(web.HTTPUnprocessableEntity, "invalid batch",
+                    [FieldProblem("notifications", f"must be an array of 1 to {MAX_BATCH} requests")])
+    prepared: list[PreparedNotification] = []
+    problems: list[FieldProblem] = []
+    invalid: list[int] = []
+    for index, item in enumerate(items):
+        ready, item_problems = prepare_item(producer, item, request[auth.SERVICE], f"notifications[{index}].")
+        if ready is None:
+            invalid.append(index)
+            problems.extend(item_problems)
+        else:
+            prepared.append(ready)
+    if not problems:  # all valid, so prepared[i] is items[i]
+        duplicates = _duplicates(prepared)
+        invalid, problems = list(duplicates), list(duplicates.values())
+    if problems:
+        NOTIFICATIONS.labels("unknown", "invalid").inc(len(invalid))
+        _json_error(web.HTTPUnprocessableEntity,
+                    f"{len(invalid)} of {len(items)} notification(s) invalid; nothing was produced",
+                    problems, invalid_items=invalid)
+    outcomes = await producer.send_prepared(prepared)
+    _count(outcomes)
+    failed = [outcome for outcome in outcomes if not outcome.acked]
+    if failed:
+        results = [{"index": i, "notification_id": o.notification_id, "status": "accepted"} if o.error is None
+                   else {"index": i, "notification_id": o.notification_id, "status": "failed",
+                         "retryable": o.error.retryable, "reason": o.error.reason}
+                   for i, o in enumerate(outcomes)]
+        _json_error(web.HTTPServiceUnavailable,
+                    f"Kafka did not take {len(failed)} of {len(outcomes)} notification(s); retrying the whole "
+                    "batch with the same idempotency keys is safe", headers=_retry_after(), results=results)
+    return web.json_response({"notification_ids": [o.notification_id for o in outcomes]}, status=202)
+
+
+def setup(app: web.Application) -> None:
+    """Add the ingest routes; the app's startup sets app[INGEST].producer."""
+    app[INGEST] = IngestState()
+    app.router.add_post("/v1/notifications", post_notification)
+    app.router.add_post("/v1/notifications:batch", post_batch)

@@ -1,0 +1,189 @@
+"""The OpenAPI 3.1 description of the ingest API, served at GET /openapi.json.
+
+Built from the same constants the code validates with (types, channels, limits), so it cannot drift on those.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pipeline.api.auth import KEY_CACHE_TTL_S
+from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES
+from pipeline.client import MAX_ID_LENGTH, PLATFORMS
+from pipeline.domain import CHANNELS, LANE_OF_TYPE, NOTIFICATION_TYPES
+
+OPENAPI_VERSION = "3.1.0"
+API_VERSION = "1.0.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _text(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "description": description, **extra}
+
+
+def _json(schema_name: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": {"application/json": {"schema": _ref(schema_name)}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                "schema": {"type": "integer", "minimum": 1}}}
+
+_SCHEMAS: dict[str, Any] = {
+    "NotificationRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["idempotency_key", "user_id", "type"],
+        "description": "Mirrors the Avro NotificationRequest (schemas/NotificationRequest.avsc). Give exactly "
+                       "one of template_id and content.",
+        "properties": {
+            "notification_id": _text("UUID of this notification; generated when absent.", format="uuid"),
+            "idempotency_key": _text("A second request with the same user_id, type and idempotency_key is a "
+                                     "duplicate and is never sent again: reuse it when retrying.",
+                                     minLength=1, maxLength=MAX_ID_LENGTH),
+            "user_id": _text("The user to notify (the Kafka key).", minLength=1, maxLength=MAX_ID_LENGTH),
+            "type": {"type": "string", "enum": list(NOTIFICATION_TYPES),
+                     "description": "Decides the lane: " + ", ".join(f"{t} -> {lane}"
+                                                                   for t, lane in LANE_OF_TYPE.items())},
+            "channels": {"type": "array", "uniqueItems": True, "items": {"type": "string", "enum": list(CHANNELS)},
+                         "description": "Channels to send on; empty or absent: chosen by the user's preference."},
+            "recipient": _ref("Recipient"),
+            "template_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
+            "template_params": {"type": "object", "additionalProperties": {"type": "string"}},
+            "content": {"oneOf": [_ref("Content"), {"type": "null"}]},
+            "locale": _text("BCP 47 language tag.", default="en", examples=["en-NG"]),
+            "created_at": _text("RFC 3339 with offset; now when absent.", format="date-time"),
+            "expires_at": {"type": ["string", "null"], "format": "date-time",
+                           "description": "RFC 3339 with offset; after it the notification is never sent."},
+            "source_service": _text("Producing service; defaults to the API key's service.",
+                                    maxLength=MAX_ID_LENGTH),
+            "correlation_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
+        },
+    },
+    "Recipient": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Addresses; a missing one is resolved from the user's contacts.",
+        "properties": {
+            "phone": {"type": ["string", "null"], "pattern": r"^\+[1-9]\d{6,14}$", "description": "E.164."},
+            "email": {"type": ["string", "null"], "format": "email"},
+            "device_tokens": {"type": "array", "items": _ref("DeviceToken")},
+        },
+    },
+    "DeviceToken": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["platform", "token"],
+        "properties": {"platform": {"type": "string", "enum": list(PLATFORMS)},
+                       "token": {"type": "string", "minLength": 1}},
+    },
+    "Content": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["body"],
+        "properties": {"subject": {"type": ["string", "null"]}, "body": {"type": "string", "minLength": 1}},
+    },
+    "Batch": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["notifications"],
+        "properties": {"notifications": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                         "items": _ref("NotificationRequest")}},
+    },
+    "Accepted": {"type": "object", "required": ["notification_id"],
+                 "properties": {"notification_id": {"type": "string", "format": "uuid"}}},
+    "BatchAccepted": {"type": "object", "required": ["notification_ids"],
+                      "properties": {"notification_ids": {"type": "array", "description": "In request order.",
+                                                          "items": {"type": "string", "format": "uuid"}}}},
+    "FieldProblem": {"type": "object", "required": ["field", "problem"],
+                     "properties": {"field": _text("e.g. recipient.phone or notifications[2].type"),
+                                    "problem": _text("What is wrong, e.g. not E.164.")}},
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "details": {"type": "array", "items": _ref("FieldProblem")},
+            "invalid_items": {"type": "array", "items": {"type": "integer"}, "description": "Batch: indexes."},
+            "notification_id": {"type": "string"},
+            "retryable": {"type": "boolean"},
+            "reason": {"type": "string", "enum": ["queue_full", "delivery_failed", "timeout", "closed"]},
+            "results": {"type": "array", "description": "Batch 503: the status of every item, in order.",
+                        "items": _ref("BatchItemResult")},
+        },
+    },
+    "BatchItemResult": {
+        "type": "object",
+        "required": ["index", "notification_id", "status"],
+        "properties": {"index": {"type": "integer"}, "notification_id": {"type": "string", "format": "uuid"},
+                       "status": {"type": "string", "enum": ["accepted", "failed"]},
+                       "retryable": {"type": "boolean"}, "reason": {"type": "string"}},
+    },
+}
+
+_COMMON_ERRORS: dict[str, Any] = {
+    "400": _json("Error", "The body is not well-formed JSON."),
+    "401": _json("Error", "Missing, unknown, malformed or revoked API key."),
+    "413": _json("Error", f"The body is larger than {MAX_BODY_BYTES} bytes."),
+    "422": _json("Error", "Well-formed JSON that is not a valid request; `details` names every wrong field."),
+}
+
+
+def _post(summary: str, description: str, body: str, accepted: str, unavailable: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "description": description,
+        "security": [{"bearerKey": []}, {"headerKey": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+        "responses": {
+            "202": _json(accepted, "Kafka acknowledged (acks=all): the pipeline holds the request."),
+            **_COMMON_ERRORS,
+            "503": _json("Error", unavailable, _RETRY_AFTER),
+        },
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The API description (a fresh copy is not needed: callers only serialise it)."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "notify ingest API",
+            "version": API_VERSION,
+            "description": "Accepts fintech notification requests and produces them to Kafka. A 202 means "
+                           "Kafka holds the request; retrying with the same idempotency_key never sends twice. "
+                           f"Revoked API keys stop working within {KEY_CACHE_TTL_S:.0f} s.",
+        },
+        "paths": {
+            "/v1/notifications": {"post": {"operationId": "createNotification", **_post(
+                "Submit one notification", "Validated, then produced to the lane of its type.",
+                "NotificationRequest", "Accepted",
+                f"Kafka did not take the request: retry after Retry-After ({KAFKA_RETRY_AFTER_S} s) with the "
+                "same idempotency_key.")}},
+            "/v1/notifications:batch": {"post": {"operationId": "createNotificationBatch", **_post(
+                f"Submit up to {MAX_BATCH} notifications",
+                "Every item is checked first: if any is invalid, the answer is 422 and nothing is produced.",
+                "Batch", "BatchAccepted",
+                "Kafka did not take some items (`results` says which); retrying the whole batch with the same "
+                "idempotency keys is safe.")}},
+            "/health/live": {"get": {"operationId": "live", "summary": "The process is up", "security": [],
+                                     "responses": {"200": {"description": "Alive."}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [],
+                                      "responses": {"200": {"description": "OpenAPI 3.1 document."}}}},
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearerKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer nk_..."},
+                "headerKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }

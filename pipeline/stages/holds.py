@@ -1,0 +1,76 @@
+"""Durable holds in PostgreSQL: a message that must wait (quiet hours, rate limiter outage) is kept here.
+
+Quiet-hours windows end at a different time for every user, so a delay topic (whose head is always the next due)
+does not fit; a table ordered by due time does. Release runs in each worker's timer: due rows are locked
+(SKIP LOCKED: workers never release the same row), produced, and deleted in the same transaction only after
+Kafka acknowledged, so a crash in between re-releases (every stage downstream is idempotent) and loses nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import Counter
+
+from pipeline import db
+from pipeline.stages.runtime import HEADER_RELEASED, StageContext
+
+log = logging.getLogger("notify.holds")
+
+HELD = Counter("notify_held_total", "Messages put on hold, by reason.", ["stage", "lane", "reason"])
+RELEASED = Counter("notify_released_total", "Held messages released when due.", ["stage", "lane", "reason"])
+
+INSERT_HOLD = """
+INSERT INTO held_messages (hold_id, topic, message_key, message_value, reason, notification_id, due_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (hold_id) DO NOTHING
+"""
+DUE_HOLDS = """
+SELECT hold_id, topic, message_key, message_value, reason FROM held_messages
+WHERE topic = ANY(%s) AND due_at <= now()
+ORDER BY due_at
+LIMIT %s
+FOR UPDATE SKIP LOCKED
+"""
+DELETE_HOLDS = "DELETE FROM held_messages WHERE hold_id = ANY(%s)"
+
+
+async def hold(ctx: StageContext, *, hold_id: str, topic: str, key: str, value: bytes, reason: str,
+               notification_id: str | None, due_at: datetime.datetime) -> None:
+    pool = await db.async_pool(ctx.settings)
+    async with pool.connection() as conn:
+        await conn.execute(INSERT_HOLD, (hold_id, topic, key.encode(), value, reason, notification_id, due_at))
+    HELD.labels(ctx.stage, ctx.lane, reason).inc()
+
+
+async def release_due(ctx: StageContext, logical_topics: Sequence[str], batch: int = 500) -> int:
+    """Produce every due hold for `logical_topics`; return how many were released."""
+    pool = await db.async_pool(ctx.settings)
+    async with pool.connection() as conn, conn.transaction():
+        rows: list[Any] = await (await conn.execute(DUE_HOLDS, (list(logical_topics), batch))).fetchall()
+        if not rows:
+            return 0
+        pending = []
+        for _hold_id, topic, key, value, _reason in rows:
+            pending.append(await ctx.topic(topic).send(key=key, value=value, headers={HEADER_RELEASED: b"1"}))
+        for future in pending:
+            await future  # acknowledged by Kafka before the rows go
+        await conn.execute(DELETE_HOLDS, ([row[0] for row in rows],))
+    for row in rows:
+        RELEASED.labels(ctx.stage, ctx.lane, row[4]).inc()
+    return len(rows)
+
+
+def add_releaser(ctx: StageContext, logical_topics: Sequence[str], interval_s: float = 1.0) -> None:
+    """A timer on the stage's app that releases due holds (on every worker: SKIP LOCKED shares the work)."""
+
+    @ctx.app.timer(interval_s, name=f"release-holds-{ctx.stage}-{ctx.lane}")  # type: ignore[untyped-decorator]
+    async def release() -> None:
+        try:
+            while await release_due(ctx, logical_topics) > 0:
+                pass
+        except Exception:  # a database hiccup must not kill the timer: the rows stay and the next tick retries
+            log.exception("releasing holds failed; retrying on the next tick")

@@ -1,0 +1,125 @@
+"""Stage workers: `notify worker --stage S --lane L` runs one; `notify worker --all` runs every stage of both lanes.
+
+Each stage and lane is a Faust app of its own (its own consumer group), run in a process of its own, so a bulk
+backlog never holds an OTP and each scales apart. `--all` supervises one child process per stage and lane.
+Shutdown is bounded: SIGTERM/SIGINT stop the worker gracefully (Faust commits what it finished); if that takes
+longer than the grace period (Faust's shutdown can hang), the process exits anyway: what was not committed is
+redelivered, and every stage is idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from faust.worker import Worker
+from prometheus_client import start_http_server
+
+from pipeline.config import Settings
+from pipeline.domain import LANES, Lane
+from pipeline.stages import intake, preferences, routing
+from pipeline.stages.runtime import StageContext, make_app
+
+log = logging.getLogger("notify.worker")
+
+STAGES: tuple[str, ...] = ("intake", "preferences", "routing")
+SHUTDOWN_GRACE_S = 15.0
+
+
+def _builders(settings: Settings) -> dict[str, Callable[[StageContext], None]]:
+    window = datetime.timedelta(seconds=settings.dedup_window_s)
+    return {
+        "intake": lambda ctx: intake.build(ctx, window),
+        "preferences": preferences.build,
+        "routing": routing.build,
+    }
+
+
+def metrics_port(settings: Settings, stage: str, lane: Lane) -> int:
+    """Each worker process has its own /metrics port: base + position of (stage, lane)."""
+    return settings.metrics_port + 1 + STAGES.index(stage) * len(LANES) + LANES.index(lane)
+
+
+class _BoundedWorker(Worker):
+    """A Faust worker whose shutdown cannot hang: a watchdog ends the process after the grace period."""
+
+    def _arm_watchdog(self) -> None:
+        def expire() -> None:
+            log.error("shutdown took longer than %.0fs; exiting (uncommitted work is redelivered)", SHUTDOWN_GRACE_S)
+            os._exit(0)
+
+        timer = threading.Timer(SHUTDOWN_GRACE_S, expire)
+        timer.daemon = True
+        timer.start()
+
+    def _on_sigterm(self) -> None:
+        self._arm_watchdog()
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._arm_watchdog()
+        super()._on_sigint()
+
+
+def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
+    if stage not in STAGES:
+        raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    app = make_app(settings, stage, lane)
+    ctx = StageContext(settings=settings, stage=stage, lane=lane, app=app)
+    _builders(settings)[stage](ctx)
+    port = metrics_port(settings, stage, lane)
+    start_http_server(port, addr="127.0.0.1")
+    print(f"worker {stage}/{lane}: consumer group {app.conf.id}, metrics on http://127.0.0.1:{port}/metrics",
+          flush=True)
+    worker = _BoundedWorker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0  # not reached: execute_from_commandline exits the process
+
+
+def _spawn(stage: str, lane: Lane) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--stage", stage, "--lane", lane])
+
+
+def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES) -> int:
+    """One child process per stage and lane, restarted when it dies; SIGTERM/SIGINT stop them all."""
+    children = {(stage, lane): _spawn(stage, lane) for lane in lanes for stage in STAGES}
+    print(f"workers: {len(children)} processes (pids {' '.join(str(c.pid) for c in children.values())})", flush=True)
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    restarts: dict[tuple[str, Lane], list[float]] = {}
+    while not stopping.is_set():
+        for (stage, lane), child in list(children.items()):
+            if child.poll() is None:
+                continue
+            recent = [t for t in restarts.get((stage, lane), []) if t > time.monotonic() - 60]
+            if len(recent) >= 5:  # crash-looping: give up loudly rather than spin
+                log.error("worker %s/%s keeps dying (exit %s); stopping everything", stage, lane, child.returncode)
+                stopping.set()
+                break
+            log.warning("worker %s/%s exited with %s; restarting it", stage, lane, child.returncode)
+            print(f"worker {stage}/{lane} exited ({child.returncode}); restarting", flush=True)
+            restarts[(stage, lane)] = [*recent, time.monotonic()]
+            children[(stage, lane)] = _spawn(stage, lane)
+        stopping.wait(0.5)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S + 5
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return 0

@@ -1,0 +1,211 @@
+"""A running pipeline for end-to-end tests: topics under a prefix of its own, `notify worker --all` as a real
+process tree, and readers of what came out (delivery events, send topics, the quarantine topic, the ledger)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+from confluent_kafka import Consumer
+
+from pipeline import db, kafka, serde, topics
+from pipeline.config import Settings
+from pipeline.domain import Lane
+from pipeline.worker import STAGES, metrics_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port_block(size: int = 16) -> int:
+    """A base port with `size` free ports above it (good enough on loopback for a test run)."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base: int = s.getsockname()[1]
+        if base + size < 65000:
+            return base
+
+
+class TopicReader:
+    """Reads one topic from the beginning in a thread, keeping every record (decoded when it is ours)."""
+
+    def __init__(self, settings: Settings, logical_topic: str) -> None:
+        self.records: list[Any] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._consumer: Consumer = kafka.consumer(settings, f"reader-{uuid.uuid4().hex[:8]}")
+        self._consumer.subscribe([settings.topic(logical_topic)])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._consumer.poll(0.2)
+            if message is None or message.error() is not None:
+                continue
+            with self._lock:
+                self.records.append(message)
+        self._consumer.close()
+
+    def snapshot(self) -> list[Any]:
+        with self._lock:
+            return list(self.records)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    settings: Settings
+    process: subprocess.Popen[bytes]
+    events: TopicReader
+    codec: serde.AvroSerde = dataclasses.field(default_factory=serde.AvroSerde)
+
+    # --- input -----------------------------------------------------------------------------------------------
+    def request(self, user_id: str, notification_type: str = "otp", **fields: Any) -> dict[str, Any]:
+        now = datetime.datetime.now(datetime.UTC)
+        value: dict[str, Any] = {
+            "notification_id": str(uuid.uuid4()),
+            "idempotency_key": uuid.uuid4().hex,
+            "user_id": user_id,
+            "type": notification_type,
+            "channels": ["sms"],
+            "recipient": {"phone": "+2348012345678", "email": "ada@example.com", "device_tokens": []},
+            "template_id": f"{notification_type}.default",
+            "template_params": {},
+            "created_at": now,
+            "expires_at": now + datetime.timedelta(minutes=10),
+            "source_service": "e2e",
+        }
+        value.update(fields)
+        return value
+
+    def produce(self, *requests: dict[str, Any], raw: bytes | None = None, lane: str = "critical") -> None:
+        producer = kafka.producer(self.settings)
+        for request in requests:
+            topic = topics.requests_topic("critical" if request["type"] in ("otp", "security", "transaction")
+                                          else "bulk")
+            producer.produce(self.settings.topic(topic), key=request["user_id"].encode(),
+                             value=self.codec.encode(serde.NOTIFICATION_REQUEST, request))
+        if raw is not None:
+            producer.produce(self.settings.topic(topics.requests_topic(lane)), key=b"garbage", value=raw)
+        assert producer.flush(30) == 0
+
+    def put_settings(self, user_settings: dict[str, Any]) -> None:
+        producer = kafka.producer(self.settings)
+        producer.produce(self.settings.topic(topics.USER_SETTINGS), key=user_settings["user_id"].encode(),
+                         value=self.codec.encode(serde.USER_SETTINGS, user_settings))
+        assert producer.flush(30) == 0
+
+    # --- output ----------------------------------------------------------------------------------------------
+    def events_for(self, notification_id: str) -> list[dict[str, Any]]:
+        decoded = (self.codec.decode(m.value(), expected=serde.DELIVERY_EVENT).value for m in self.events.snapshot())
+        return [e for e in decoded if str(e["notification_id"]) == notification_id]
+
+    def statuses(self, notification_id: str) -> list[str]:
+        return [e["status"] for e in self.events_for(notification_id)]
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            assert self.process.poll() is None, "the workers exited"
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+    def deliveries(self, notification_id: str) -> list[tuple[str, str, str | None]]:
+        with db.connect(self.settings) as conn:
+            rows = conn.execute(
+                "SELECT channel, state, last_error_code FROM deliveries WHERE notification_id = %s ORDER BY channel",
+                (notification_id,)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def metric(self, stage: str, lane: str, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` matching `labels` on one worker's /metrics."""
+        url = f"http://127.0.0.1:{metrics_port(self.settings, stage, cast(Lane, lane))}/metrics"
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            return 0.0
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def worker_pid(self, stage: str, lane: str) -> int:
+        """The pid of one stage worker (a child of the `--all` supervisor)."""
+        wanted = ["--stage", stage, "--lane", lane]
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (proc / "cmdline").read_bytes().decode().split("\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == self.process.pid and all(part in argv for part in wanted):
+                return int(proc.name)
+        raise AssertionError(f"no worker process for {stage}/{lane}")
+
+
+def read_topic(settings: Settings, logical_topic: str, timeout_s: float = 5.0) -> list[Any]:
+    """Everything on a topic right now (from the beginning)."""
+    reader = TopicReader(settings, logical_topic)
+    time.sleep(timeout_s)
+    reader.close()
+    return reader.snapshot()
+
+
+def start_pipeline(settings: Settings, prefix: str) -> Iterator[Pipeline]:
+    """Topics under `prefix`, every worker running; everything stopped and deleted afterwards."""
+    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
+    topics.apply(mine)
+    env = {**os.environ, "NOTIFY_TOPIC_PREFIX": prefix, "NOTIFY_METRICS_PORT": str(mine.metrics_port)}
+    log = open(mine.stack_dir / f"e2e-{prefix.strip('.')}.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"], env=env, cwd=REPO,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    pipeline = Pipeline(settings=mine, process=process, events=TopicReader(mine, topics.DELIVERY_EVENTS))
+    try:
+        # ready when a probe OTP has gone all the way to `queued` (every lane's groups have joined by then)
+        for lane_type in ("otp", "marketing"):
+            probe = pipeline.request(f"probe-{uuid.uuid4().hex[:8]}", lane_type)
+            pipeline.produce(probe)
+            probe_id = probe["notification_id"]
+            pipeline.wait_for(lambda: "queued" in pipeline.statuses(probe_id), 120,  # noqa: B023 (used at once)
+                              f"the {lane_type} probe to be queued")
+        yield pipeline
+    finally:
+        pipeline.events.close()
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+        admin = kafka.admin(mine)
+        names = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix)]
+        if names:
+            for future in admin.delete_topics(names).values():
+                future.result()
+
+
+__all__ = ["STAGES", "Pipeline", "read_topic", "start_pipeline"]

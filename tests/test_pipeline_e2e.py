@@ -1,0 +1,130 @@
+"""The pipeline core end to end on the real stack: requests in, delivery rows, send topics and events out."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from harness import Pipeline, read_topic, start_pipeline
+
+from pipeline import serde, topics
+from pipeline.config import Settings
+from pipeline.stages.runtime import HEADER_REASON
+
+
+@pytest.fixture(scope="module")
+def pipeline(settings: Settings) -> Iterator[Pipeline]:
+    yield from start_pipeline(settings, f"e2e{uuid.uuid4().hex[:8]}.")
+
+
+def user() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}"
+
+
+def test_three_identical_requests_give_one_delivery_row_and_two_duplicate_events(pipeline: Pipeline) -> None:
+    who = user()
+    first = pipeline.request(who, "transaction", idempotency_key="debit-42")
+    resends = [dict(first, notification_id=str(uuid.uuid4())) for _ in range(2)]
+    pipeline.produce(first, *resends)
+    pipeline.wait_for(lambda: all(pipeline.statuses(r["notification_id"]) == ["duplicate"] for r in resends),
+                      what="two duplicate events")
+    pipeline.wait_for(lambda: pipeline.statuses(first["notification_id"]) == ["received", "queued"],
+                      what="the first to be queued")
+    assert pipeline.deliveries(first["notification_id"]) == [("sms", "queued", None)]
+    assert all(pipeline.deliveries(r["notification_id"]) == [] for r in resends)
+
+
+def test_the_same_record_resent_by_upstream_is_a_duplicate_too(pipeline: Pipeline) -> None:
+    request = pipeline.request(user(), "otp")
+    pipeline.produce(request)
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(request["notification_id"]), what="queued")
+    pipeline.produce(request)  # the very same notification id, again
+    pipeline.wait_for(lambda: len(pipeline.statuses(request["notification_id"])) >= 3, what="the resend's verdict")
+    assert pipeline.statuses(request["notification_id"]) == ["received", "queued", "duplicate"]
+    assert pipeline.deliveries(request["notification_id"]) == [("sms", "queued", None)]
+
+
+def test_an_opted_out_marketing_sms_is_suppressed_while_an_otp_to_the_same_user_goes_through(
+        pipeline: Pipeline) -> None:
+    who = user()
+    before = pipeline.metric("preferences", "bulk", "notify_stage_messages_total", outcome="settings_updated")
+    pipeline.put_settings({
+        "user_id": who, "version": 1, "updated_at": datetime.datetime.now(datetime.UTC),
+        "categories": {"marketing": {"opted_in_channels": [], "opted_out_channels": ["sms"]}},
+    })
+    pipeline.wait_for(lambda: pipeline.metric("preferences", "bulk", "notify_stage_messages_total",
+                                              outcome="settings_updated") > before, what="the settings to arrive")
+    marketing = pipeline.request(who, "marketing", template_id="promo.nov")
+    otp = pipeline.request(who, "otp")
+    pipeline.produce(marketing, otp)
+    pipeline.wait_for(lambda: "suppressed" in pipeline.statuses(marketing["notification_id"]), what="suppressed")
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(otp["notification_id"]), what="the OTP queued")
+    assert pipeline.deliveries(marketing["notification_id"]) == [("sms", "suppressed", "opted_out")]
+    assert pipeline.deliveries(otp["notification_id"]) == [("sms", "queued", None)]
+
+
+def test_the_fourth_non_critical_sms_within_the_hour_is_rate_limited(pipeline: Pipeline) -> None:
+    who = user()
+    alerts = [pipeline.request(who, "price_alert") for _ in range(4)]
+    for alert in alerts:  # one at a time: which one is fourth must be certain
+        pipeline.produce(alert)
+        alert_id = alert["notification_id"]
+        pipeline.wait_for(lambda: len(pipeline.statuses(alert_id)) >= 2, what="a decision")  # noqa: B023
+    assert [pipeline.statuses(a["notification_id"])[-1] for a in alerts] == ["queued"] * 3 + ["rate_limited"]
+    assert pipeline.deliveries(alerts[3]["notification_id"]) == [("sms", "suppressed", "rate_limited")]
+    limited = pipeline.events_for(alerts[3]["notification_id"])[-1]
+    assert limited["error_code"] == "bulk_sms_per_hour"
+
+
+def test_an_expired_otp_never_reaches_a_send_topic(pipeline: Pipeline) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    stale = pipeline.request(user(), "otp", created_at=now - datetime.timedelta(minutes=10),
+                             expires_at=now - datetime.timedelta(minutes=5))
+    pipeline.produce(stale)
+    pipeline.wait_for(lambda: pipeline.statuses(stale["notification_id"]) == ["expired"], what="expired")
+    assert pipeline.deliveries(stale["notification_id"]) == []
+    sent = [pipeline.codec.decode(m.value(), expected=serde.DELIVERY_TASK).value
+            for m in read_topic(pipeline.settings, topics.send_topic("sms", "critical"), 3)]
+    assert sent, "other OTPs were sent, so the topic is readable"
+    assert all(str(task["notification_id"]) != stale["notification_id"] for task in sent)
+
+
+def test_garbage_lands_in_quarantine_and_the_next_message_is_processed(pipeline: Pipeline) -> None:
+    garbage = b"\xc3\x01" + uuid.uuid4().bytes[:8] + b"not a record"
+    after = pipeline.request(user(), "security", channels=["email"])
+    pipeline.produce(raw=garbage)
+    pipeline.produce(after)
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(after["notification_id"]), what="the next message")
+    quarantined = [m for m in read_topic(pipeline.settings, topics.INVALID, 3) if m.value() == garbage]
+    assert len(quarantined) == 1
+    assert dict(quarantined[0].headers())[HEADER_REASON] == b"unknown_fingerprint"
+    assert pipeline.deliveries(after["notification_id"]) == [("email", "queued", None)]
+
+
+def test_quiet_hours_defer_a_price_alert_until_the_window_ends_while_an_otp_goes_through(
+        pipeline: Pipeline) -> None:
+    who = user()
+    now = datetime.datetime.now(datetime.UTC)
+    end = (now + datetime.timedelta(seconds=75 if now.second > 45 else 60)).replace(second=0, microsecond=0)
+    start = now - datetime.timedelta(minutes=5)
+    before = pipeline.metric("preferences", "bulk", "notify_stage_messages_total", outcome="settings_updated")
+    pipeline.put_settings({
+        "user_id": who, "version": 1, "updated_at": now, "timezone": "UTC",
+        "quiet_hours": {"start": start.strftime("%H:%M"), "end": end.strftime("%H:%M")},
+    })
+    pipeline.wait_for(lambda: pipeline.metric("preferences", "bulk", "notify_stage_messages_total",
+                                              outcome="settings_updated") > before, what="the settings to arrive")
+    alert = pipeline.request(who, "price_alert")
+    otp = pipeline.request(who, "otp")
+    pipeline.produce(alert, otp)
+    pipeline.wait_for(lambda: "deferred" in pipeline.statuses(alert["notification_id"]), what="deferred")
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(otp["notification_id"]), what="the OTP queued")
+    assert pipeline.deliveries(alert["notification_id"]) == []
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(alert["notification_id"]), timeout_s=100,
+                      what="the release at the end of the window")
+    queued_at = pipeline.events_for(alert["notification_id"])[-1]["occurred_at"]
+    assert queued_at >= end, "never released before the window ends"
+    assert queued_at - end < datetime.timedelta(seconds=5), "released on time"
+    assert pipeline.deliveries(alert["notification_id"]) == [("sms", "queued", None)]
