@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline import config, stack
+from pipeline import config, kafka, stack, topics
 from pipeline.config import Settings
 
 
@@ -39,3 +39,15 @@ def unique() -> str:
 def prefixed_settings(settings: Settings, unique: str) -> Settings:
     """Settings whose topic names carry a prefix of this test's own (topics/ applied under that prefix)."""
     return dataclasses.replace(settings, topic_prefix=f"t{unique}.")
+
+
+@pytest.fixture
+def applied(prefixed_settings: Settings) -> Iterator[Settings]:
+    """topics/ applied under this test's own prefix; deleted afterwards so the broker stays small."""
+    topics.apply(prefixed_settings)
+    yield prefixed_settings
+    admin = kafka.admin(prefixed_settings)
+    mine = [name for name in admin.list_topics(timeout=10).topics if name.startswith(prefixed_settings.topic_prefix)]
+    if mine:
+        for future in admin.delete_topics(mine, operation_timeout=30).values():
+            future.result(timeout=30)

@@ -28,16 +28,6 @@ from pipeline.config import Settings
 Client = TestClient[web.Request, web.Application]
 
 
-@pytest.fixture
-def applied(prefixed_settings: Settings) -> Iterator[Settings]:
-    """topics/ applied under this test's own prefix; deleted afterwards."""
-    topics.apply(prefixed_settings)
-    yield prefixed_settings
-    admin = kafka.admin(prefixed_settings)
-    mine = [name for name in admin.list_topics(timeout=10).topics if name.startswith(prefixed_settings.topic_prefix)]
-    for future in admin.delete_topics(mine, operation_timeout=30).values():
-        future.result(timeout=30)
-
 
 @pytest.fixture
 def api_key(settings: Settings, unique: str) -> Iterator[str]:

@@ -7,7 +7,6 @@ import datetime
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,17 +15,6 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from pipeline import kafka, serde, topics
 from pipeline.client import InvalidRequest, NotificationProducer, ProduceError, normalize_request
 from pipeline.config import Settings
-
-
-@pytest.fixture
-def applied(prefixed_settings: Settings) -> Iterator[Settings]:
-    """topics/ applied under this test's own prefix; deleted afterwards."""
-    topics.apply(prefixed_settings)
-    yield prefixed_settings
-    admin = kafka.admin(prefixed_settings)
-    mine = [name for name in admin.list_topics(timeout=10).topics if name.startswith(prefixed_settings.topic_prefix)]
-    for future in admin.delete_topics(mine, operation_timeout=30).values():
-        future.result(timeout=30)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,17 +12,6 @@ from confluent_kafka import Consumer, KafkaError
 from pipeline import kafka, serde, topics
 from pipeline.config import Settings
 from pipeline.errors import DecodeError
-
-
-@pytest.fixture
-def applied(prefixed_settings: Settings) -> Iterator[Settings]:
-    """topics/ applied under this test's own prefix; deleted afterwards."""
-    topics.apply(prefixed_settings)
-    yield prefixed_settings
-    admin = kafka.admin(prefixed_settings)
-    mine = [name for name in admin.list_topics(timeout=10).topics if name.startswith(prefixed_settings.topic_prefix)]
-    for future in admin.delete_topics(mine).values():
-        future.result()
 
 
 def request(user_id: str, n: int) -> dict[str, Any]:

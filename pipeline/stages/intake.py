@@ -17,7 +17,6 @@ from typing import Any
 
 from pipeline import db, serde, topics
 from pipeline.domain import Lane, lane_for
-from pipeline.errors import DecodeError
 from pipeline.policy import intake as policy
 from pipeline.stages.runtime import StageContext, guarded, utcnow
 
@@ -58,12 +57,9 @@ def build(ctx: StageContext, dedup_window: datetime.timedelta) -> None:
     ).tumbling(dedup_window, expires=dedup_window * 2)  # windows by the record's timestamp (reads and writes)
 
     async def handle(ctx: StageContext, event: Any) -> str:
-        try:
-            _, request = ctx.codec.decode(event.value, expected=serde.NOTIFICATION_REQUEST)
-        except DecodeError as exc:
-            await ctx.quarantine(event, exc.reason, str(exc))
+        request = await ctx.decode_or_quarantine(event, serde.NOTIFICATION_REQUEST)
+        if request is None:
             return "undecodable"
-        ctx.observe_queue_latency(request.get("created_at"))
         now = utcnow()
         decision = policy.decide(request, now)
         if decision.outcome == "invalid":

@@ -76,12 +76,9 @@ def build(ctx: StageContext) -> None:
         return "settings_updated"
 
     async def handle(ctx: StageContext, event: Any) -> str:
-        try:
-            _, request = ctx.codec.decode(event.value, expected=serde.NOTIFICATION_REQUEST)
-        except DecodeError as exc:
-            await ctx.quarantine(event, exc.reason, str(exc))
+        request = await ctx.decode_or_quarantine(event, serde.NOTIFICATION_REQUEST)
+        if request is None:
             return "undecodable"
-        ctx.observe_queue_latency(request.get("created_at"))
         now = utcnow()
         released = header(event, HEADER_RELEASED) is not None
         decision = policy.decide(request, settings_for(request["user_id"]), now)

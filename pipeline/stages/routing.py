@@ -15,7 +15,6 @@ from typing import Any
 from prometheus_client import Counter
 
 from pipeline import db, serde, topics
-from pipeline.errors import DecodeError
 from pipeline.ratelimit import RateLimiter
 from pipeline.stages import holds
 from pipeline.stages.runtime import StageContext, guarded, utcnow
@@ -42,12 +41,9 @@ def build(ctx: StageContext) -> None:
     limiter = RateLimiter.from_url(ctx.settings.redis_dsn)
 
     async def handle(ctx: StageContext, event: Any) -> str:
-        try:
-            _, task = ctx.codec.decode(event.value, expected=serde.DELIVERY_TASK)
-        except DecodeError as exc:
-            await ctx.quarantine(event, exc.reason, str(exc))
+        task = await ctx.decode_or_quarantine(event, serde.DELIVERY_TASK)
+        if task is None:
             return "undecodable"
-        ctx.observe_queue_latency(task.get("created_at"))
         notification_id, channel = str(task["notification_id"]), task["channel"]
         now = utcnow()
         expires_at = task.get("expires_at")

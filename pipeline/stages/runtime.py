@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 from pipeline import serde, topics
 from pipeline.config import Settings
 from pipeline.domain import Lane
+from pipeline.errors import DecodeError
 
 log = logging.getLogger("notify.stage")
 
@@ -133,6 +134,16 @@ class StageContext:
         await self.topic(topics.INVALID).send(key=event.key, value=event.value, headers=headers)
         QUARANTINED.labels(self.stage, self.lane, reason).inc()
         log.warning("quarantined %s/%s/%s: %s %s", message.topic, message.partition, message.offset, reason, detail)
+
+    async def decode_or_quarantine(self, event: Any, record: str) -> dict[str, Any] | None:
+        """The record `event` carries, or None after sending undecodable bytes to quarantine."""
+        try:
+            value: dict[str, Any] = self.codec.decode(event.value, expected=record).value
+        except DecodeError as exc:
+            await self.quarantine(event, exc.reason, str(exc))
+            return None
+        self.observe_queue_latency(value.get("created_at"))
+        return value
 
     def observe_queue_latency(self, created_at: datetime.datetime | None) -> None:
         if created_at is not None:
