@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from pipeline import db, kafka, serde, topics
 from pipeline.config import Settings
@@ -208,4 +208,36 @@ def start_pipeline(settings: Settings, prefix: str) -> Iterator[Pipeline]:
                 future.result()
 
 
-__all__ = ["STAGES", "Pipeline", "read_topic", "start_pipeline"]
+def high_watermark(consumer: Consumer, partition: TopicPartition) -> int:
+    """The partition's end offset; retried while a freshly created partition has no leader yet."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(partition, timeout=10)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def lane_records(settings: Settings, lane: str) -> list[Any]:
+    """Every record on the lane's request topic (the topic is this test's own, so these are ours)."""
+    topic = settings.topic(topics.requests_topic(lane))
+    consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        expected = sum(high_watermark(consumer, TopicPartition(topic, p)) for p in partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records: list[Any] = []
+        deadline = time.monotonic() + 30
+        while len(records) < expected and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                records.append(message)
+        assert len(records) == expected
+        return records
+    finally:
+        consumer.close()
+
+
+__all__ = ["STAGES", "Pipeline", "lane_records", "read_topic", "start_pipeline"]

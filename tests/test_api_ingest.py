@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -16,10 +15,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from harness import lane_records
 from prometheus_client import REGISTRY
 
-from pipeline import db, kafka, serde, topics
+from pipeline import db, serde
 from pipeline.api import create_app, run_api
 from pipeline.api.keys import create_key
 from pipeline.client import NotificationProducer
@@ -53,37 +52,6 @@ def closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
-
-def high_watermark(consumer: Consumer, partition: TopicPartition) -> int:
-    """The partition's end offset; retried while a freshly created partition has no leader yet."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return int(consumer.get_watermark_offsets(partition, timeout=10)[1])
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def lane_records(settings: Settings, lane: str) -> list[Any]:
-    """Every record on the lane's request topic (the topic is this test's own, so these are ours)."""
-    topic = settings.topic(topics.requests_topic(lane))
-    consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        expected = sum(high_watermark(consumer, TopicPartition(topic, p)) for p in partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records: list[Any] = []
-        deadline = time.monotonic() + 30
-        while len(records) < expected and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                records.append(message)
-        assert len(records) == expected
-        return records
-    finally:
-        consumer.close()
 
 
 def otp(user_id: str, **overrides: Any) -> dict[str, Any]:

@@ -10,9 +10,9 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from harness import lane_records
 
-from pipeline import kafka, serde, topics
+from pipeline import serde
 from pipeline.client import InvalidRequest, NotificationProducer, ProduceError, normalize_request
 from pipeline.config import Settings
 
@@ -31,37 +31,6 @@ def otp(user_id: str, **overrides: Any) -> dict[str, Any]:
             "channels": ["sms"], "recipient": {"phone": "+2348012345678"}, "template_id": "otp.login",
             "template_params": {"code": "123456"}, "source_service": "auth", **overrides}
 
-
-def high_watermark(consumer: Consumer, partition: TopicPartition) -> int:
-    """The partition's end offset; retried while a freshly created partition has no leader yet."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return int(consumer.get_watermark_offsets(partition, timeout=10)[1])
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def lane_records(settings: Settings, lane: str) -> list[Any]:
-    """Every record on the lane's request topic (the topic is this test's own, so these are ours)."""
-    topic = settings.topic(topics.requests_topic(lane))
-    consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        expected = sum(high_watermark(consumer, TopicPartition(topic, p)) for p in partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records: list[Any] = []
-        deadline = time.monotonic() + 30
-        while len(records) < expected and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                records.append(message)
-        assert len(records) == expected
-        return records
-    finally:
-        consumer.close()
 
 
 async def test_send_returns_the_id_once_the_broker_holds_the_request_keyed_by_user_on_its_lane(
