@@ -1,7 +1,7 @@
 """The one place Kafka clients are made (confluent-kafka): producer, consumer and admin factories.
 
-Stages built on Faust get their settings from `pipeline.config` as well; everything else (the ingest API, the
-CLI, the retry-tier consumers, tests) builds its clients here so that delivery guarantees are set once.
+Everything (the stages, the ingest API, the CLI, tests) builds its clients here, so that delivery guarantees
+and partitioning are set once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "linger.ms": 5,
     "delivery.timeout.ms": 30_000,
     "request.timeout.ms": 10_000,
+    # Kafka's Java default (murmur2 of the key): a user's records land on the same partition whoever produced
+    # them (Java or Python upstreams, our stages), which per-user state (settings, dedup) depends on.
+    "partitioner": "murmur2_random",
 }
 
 # Offsets are committed by us, after the work is done and its output produced (at-least-once).

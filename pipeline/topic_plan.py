@@ -210,7 +210,7 @@ def compute_plan(specs: Mapping[str, TopicSpec], cluster: ClusterState, prefix: 
     notes = list(_capping_note(specs, brokers))
     if any(specs[i.name].copartition_group for i in increases):
         notes.append(
-            "more partitions re-map user keys: stop the group's stages first, and grow their Faust table "
+            "more partitions re-map user keys: stop the group's stages first, and grow their table "
             "changelogs to the same count"
         )
     undeclared = sorted(

@@ -258,10 +258,9 @@ def retry_topics(lane: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda name: int(name[len(prefix):])))
 
 
-def deferred_topic(lane: str) -> str | None:
-    """Where quiet hours hold notifications of `lane`; None when the lane is never held (critical)."""
-    name = f"deferred.{_lane(lane)}"
-    return name if name in catalogue() else None
+def dedup_topic(lane: str) -> str:
+    """The changelog of intake's dedup table of `lane` (co-partitioned with requests.<lane>)."""
+    return spec(f"dedup.{_lane(lane)}").name
 
 
 # ---------------------------------------------------------------------------------------------- the cluster

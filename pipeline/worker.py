@@ -1,14 +1,16 @@
 """Stage workers: `notify worker --stage S --lane L` runs one; `notify worker --all` runs every stage of both lanes.
 
-Each stage and lane is a Faust app of its own (its own consumer group), run in a process of its own, so a bulk
-backlog never holds an OTP and each scales apart. `--all` supervises one child process per stage and lane.
-Shutdown is bounded: SIGTERM/SIGINT stop the worker gracefully (Faust commits what it finished); if that takes
-longer than the grace period (Faust's shutdown can hang), the process exits anyway: what was not committed is
-redelivered, and every stage is idempotent.
+Each stage and lane is a consumer group of its own, run in a process of its own, so a bulk backlog never holds an
+OTP and each scales apart (more processes of the same stage and lane share its partitions). `--all` supervises one
+child process per stage and lane and restarts a child that dies. Shutdown is bounded: SIGTERM/SIGINT let the
+current batch finish, wait for Kafka to acknowledge its output, commit it and leave the group; if that takes
+longer than the grace period, the process exits anyway: what was not committed is redelivered, and every stage
+is idempotent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -19,13 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from faust.worker import Worker
 from prometheus_client import start_http_server
 
+from pipeline import kafka
 from pipeline.config import Settings
 from pipeline.domain import LANES, Lane
 from pipeline.stages import intake, preferences, routing
-from pipeline.stages.runtime import StageContext, make_app
+from pipeline.stages.runtime import Stage, StageContext, StageRunner
 
 log = logging.getLogger("notify.worker")
 
@@ -33,7 +35,7 @@ STAGES: tuple[str, ...] = ("intake", "preferences", "routing")
 SHUTDOWN_GRACE_S = 15.0
 
 
-def _builders(settings: Settings) -> dict[str, Callable[[StageContext], None]]:
+def _builders(settings: Settings) -> dict[str, Callable[[StageContext], Stage]]:
     window = datetime.timedelta(seconds=settings.dedup_window_s)
     return {
         "intake": lambda ctx: intake.build(ctx, window),
@@ -47,40 +49,42 @@ def metrics_port(settings: Settings, stage: str, lane: Lane) -> int:
     return settings.metrics_port + 1 + STAGES.index(stage) * len(LANES) + LANES.index(lane)
 
 
-class _BoundedWorker(Worker):
-    """A Faust worker whose shutdown cannot hang: a watchdog ends the process after the grace period."""
+def _exit_after_grace() -> None:
+    """Arm a watchdog: the process ends after the grace period even if a broker or database call hangs."""
+    def expire() -> None:
+        log.error("shutdown took longer than %.0fs; exiting (uncommitted work is redelivered)", SHUTDOWN_GRACE_S)
+        os._exit(0)
 
-    def _arm_watchdog(self) -> None:
-        def expire() -> None:
-            log.error("shutdown took longer than %.0fs; exiting (uncommitted work is redelivered)", SHUTDOWN_GRACE_S)
-            os._exit(0)
+    timer = threading.Timer(SHUTDOWN_GRACE_S, expire)
+    timer.daemon = True
+    timer.start()
 
-        timer = threading.Timer(SHUTDOWN_GRACE_S, expire)
-        timer.daemon = True
-        timer.start()
 
-    def _on_sigterm(self) -> None:
-        self._arm_watchdog()
-        super()._on_sigterm()
+async def _serve(runner: StageRunner) -> None:
+    loop = asyncio.get_running_loop()
 
-    def _on_sigint(self) -> None:
-        self._arm_watchdog()
-        super()._on_sigint()
+    def stop() -> None:
+        _exit_after_grace()
+        runner.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    await runner.run()
 
 
 def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    app = make_app(settings, stage, lane)
-    ctx = StageContext(settings=settings, stage=stage, lane=lane, app=app)
-    _builders(settings)[stage](ctx)
+    logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
+                        "%(message)s")
+    ctx = StageContext(settings=settings, stage=stage, lane=lane, producer=kafka.producer(settings))
+    runner = StageRunner(_builders(settings)[stage](ctx))
     port = metrics_port(settings, stage, lane)
     start_http_server(port, addr="127.0.0.1")
-    print(f"worker {stage}/{lane}: consumer group {app.conf.id}, metrics on http://127.0.0.1:{port}/metrics",
+    print(f"worker {stage}/{lane}: consumer group {ctx.group_id}, metrics on http://127.0.0.1:{port}/metrics",
           flush=True)
-    worker = _BoundedWorker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
-    return 0  # not reached: execute_from_commandline exits the process
+    asyncio.run(_serve(runner))
+    return 0
 
 
 def _spawn(stage: str, lane: Lane) -> subprocess.Popen[bytes]:

@@ -136,8 +136,8 @@ def test_name_helpers_return_declared_names_and_refuse_unknown_lanes_and_channel
     assert topics.routed_topic("bulk") == "routed.bulk"
     assert topics.send_topic("push", "critical") == "send.push.critical"
     assert topics.retry_topics("bulk") == ("retry.bulk.1", "retry.bulk.2", "retry.bulk.3")
-    assert topics.deferred_topic("bulk") == "deferred.bulk"
-    assert topics.deferred_topic("critical") is None  # OTPs are never held for quiet hours
+    assert topics.dedup_topic("bulk") == "dedup.bulk"
+    assert topics.spec("dedup.critical").partitions == topics.spec("requests.critical").partitions
     with pytest.raises(ValueError, match="lane"):
         topics.requests_topic("urgent")
     with pytest.raises(ValueError, match="channel"):

@@ -1,6 +1,6 @@
 """Policies: the decisions of the pipeline's stages, as pure functions over plain data.
 
-A stage (a Faust agent) reads a record, asks a policy, writes the outcome; the policy itself sees only decoded
+A stage reads a record, asks a policy, writes the outcome; the policy itself sees only decoded
 Avro values (dicts) and a clock value, does no I/O, and is tested without a broker.
 
 - intake: is a NotificationRequest valid, expired, a duplicate (given what the stage's dedup table saw)?

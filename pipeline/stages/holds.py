@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from pipeline import db
-from pipeline.stages.runtime import HEADER_RELEASED, StageContext
+from pipeline.stages.runtime import HEADER_RELEASED, Stage, StageContext
 
 log = logging.getLogger("notify.holds")
 
@@ -53,24 +53,19 @@ async def release_due(ctx: StageContext, logical_topics: Sequence[str], batch: i
         rows: list[Any] = await (await conn.execute(DUE_HOLDS, (list(logical_topics), batch))).fetchall()
         if not rows:
             return 0
-        pending = []
-        for _hold_id, topic, key, value, _reason in rows:
-            pending.append(await ctx.topic(topic).send(key=key, value=value, headers={HEADER_RELEASED: b"1"}))
-        for future in pending:
-            await future  # acknowledged by Kafka before the rows go
+        pending = [ctx.send(topic, key, value, {HEADER_RELEASED: b"1"}) for _id, topic, key, value, _reason in rows]
+        await ctx.settle(pending)  # acknowledged by Kafka before the rows go
         await conn.execute(DELETE_HOLDS, ([row[0] for row in rows],))
     for row in rows:
         RELEASED.labels(ctx.stage, ctx.lane, row[4]).inc()
     return len(rows)
 
 
-def add_releaser(ctx: StageContext, logical_topics: Sequence[str], interval_s: float = 1.0) -> None:
-    """A timer on the stage's app that releases due holds (on every worker: SKIP LOCKED shares the work)."""
+def add_releaser(stage: Stage, logical_topics: Sequence[str], interval_s: float = 1.0) -> None:
+    """A timer of the stage that releases due holds (on every worker: SKIP LOCKED shares the work)."""
+    ctx = stage.ctx
 
-    @ctx.app.timer(interval_s, name=f"release-holds-{ctx.stage}-{ctx.lane}")  # type: ignore[untyped-decorator]
+    @stage.every(interval_s, f"release-holds-{ctx.stage}-{ctx.lane}")
     async def release() -> None:
-        try:
-            while await release_due(ctx, logical_topics) > 0:
-                pass
-        except Exception:  # a database hiccup must not kill the timer: the rows stay and the next tick retries
-            log.exception("releasing holds failed; retrying on the next tick")
+        # one batch per tick: the stage's own records wait for the timer, so it never runs long
+        await release_due(ctx, logical_topics)

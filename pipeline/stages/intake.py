@@ -1,24 +1,27 @@
 """Intake: requests.<lane> -> accepted.<lane>. Decode, validate, drop the expired, deduplicate.
 
-Deduplication has two layers: a Faust table of dedup keys whose entries expire (tumbling windows of the dedup
-window: a key is looked up in the current and the previous window, so it is remembered for at least one whole
-window and memory stays bounded), and the PostgreSQL unique key (user_id, notification_type, idempotency_key)
-as the final guard. The table remembers the notification id and the Kafka record (topic/partition/offset) that
-first carried the key: the same record coming back (a redelivery after a crash, an offset reset for a replay) is
-re-driven, not called a duplicate, because every later stage is idempotent; another record with the same key is
-a duplicate, even when it carries the same notification id (an upstream resend).
+Deduplication has two layers: a table of dedup keys whose entries expire after the dedup window (kept per
+partition in memory, backed by the compacted dedup.<lane> topic; a timer forgets expired keys and writes their
+tombstones, so memory stays bounded), and the PostgreSQL unique key (user_id, notification_type,
+idempotency_key) as the final guard. The table remembers the notification id and the Kafka record
+(topic/partition/offset) that first carried the key: the same record coming back (a redelivery after a crash,
+an offset reset for a replay) is re-driven, not called a duplicate, because every later stage is idempotent;
+another record with the same key is a duplicate, even when it carries the same notification id (an upstream
+resend).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import db, serde, topics
 from pipeline.domain import Lane, lane_for
 from pipeline.policy import intake as policy
-from pipeline.stages.runtime import StageContext, guarded, utcnow
+from pipeline.stages.runtime import Record, Stage, StageContext, Table, utcnow
 
 INSERT_NOTIFICATION = """
 INSERT INTO notifications (notification_id, user_id, notification_type, idempotency_key, lane, source_service,
@@ -49,21 +52,43 @@ async def _first_claim(ctx: StageContext, request: dict[str, Any], lane: Lane) -
     return owner
 
 
-def build(ctx: StageContext, dedup_window: datetime.timedelta) -> None:
-    app, lane = ctx.app, ctx.lane
-    dedup = app.Table(
-        "dedup", default=str, key_type=str, value_type=str,  # "" = not seen
-        partitions=topics.spec(topics.requests_topic(lane)).partitions,
-    ).tumbling(dedup_window, expires=dedup_window * 2)  # windows by the record's timestamp (reads and writes)
+@dataclass(frozen=True)
+class Sighting:
+    """The first record that carried a dedup key, and when."""
 
-    async def handle(ctx: StageContext, event: Any) -> str:
-        request = await ctx.decode_or_quarantine(event, serde.NOTIFICATION_REQUEST)
+    notification_id: str
+    source: str
+    at: float  # epoch seconds
+
+    def encode(self) -> bytes:
+        return json.dumps({"id": self.notification_id, "src": self.source, "at": self.at}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Sighting:
+        value = json.loads(raw)
+        return cls(str(value["id"]), str(value["src"]), float(value["at"]))
+
+
+def build(ctx: StageContext, dedup_window: datetime.timedelta) -> Stage:
+    lane = ctx.lane
+    dedup = Table(ctx, topics.dedup_topic(lane))
+    window_s = dedup_window.total_seconds()
+
+    def seen(key: str, partition: int, now: float) -> Sighting | None:
+        raw = dedup.get(key, partition)
+        if raw is None:
+            return None
+        sighting = Sighting.decode(raw)
+        return sighting if now - sighting.at < window_s else None
+
+    async def handle(ctx: StageContext, record: Record) -> str:
+        request = await ctx.decode_or_quarantine(record, serde.NOTIFICATION_REQUEST)
         if request is None:
             return "undecodable"
         now = utcnow()
         decision = policy.decide(request, now)
         if decision.outcome == "invalid":
-            await ctx.quarantine(event, "invalid", "; ".join(decision.reasons))
+            await ctx.quarantine(record, "invalid", "; ".join(decision.reasons))
             await ctx.emit(request, "invalid", error_code="invalid", error_message="; ".join(decision.reasons))
             return "invalid"
         if decision.outcome == "expired":
@@ -71,27 +96,32 @@ def build(ctx: StageContext, dedup_window: datetime.timedelta) -> None:
             return "expired"
 
         notification_id = str(request["notification_id"])
-        message = event.message
-        first_sighting = f"{notification_id} {message.topic}/{message.partition}/{message.offset}"
         key = policy.dedup_key(request)
-        seen = dedup[key].current() or dedup[key].delta(dedup_window) or None
-        if seen is not None and seen != first_sighting:
+        first = seen(key, record.partition, now.timestamp())
+        if first is not None and first.source != record.source:
             await ctx.emit(request, "duplicate", error_code="duplicate",
-                           error_message=f"first seen as {seen.split()[0]}")
+                           error_message=f"first seen as {first.notification_id}")
             return "duplicate"
         lane_of_type = lane_for(request["type"])
         owner = str(await _first_claim(ctx, request, lane_of_type))
         if owner != notification_id:
             await ctx.emit(request, "duplicate", error_code="duplicate", error_message=f"first seen as {owner}")
             return "duplicate"
-        if seen is None:
-            dedup[key] = first_sighting
+        if first is None:
+            dedup.put(key, Sighting(notification_id, record.source, now.timestamp()).encode(), record.partition)
         await ctx.emit(request, "received")
         # the type decides the lane: a request produced to the wrong lane's topic still goes the right way
-        await ctx.send(topics.accepted_topic(lane_of_type), request["user_id"], event.value)
+        ctx.send(topics.accepted_topic(lane_of_type), request["user_id"], record.value)
         return "accepted"
 
-    @app.agent(ctx.topic(topics.requests_topic(lane)), name=f"intake-{lane}")
-    async def intake(stream: Any) -> None:
-        async for event in stream.events():
-            await guarded(ctx, event, handle)
+    stage = Stage(ctx, {topics.requests_topic(lane): handle}, tables=[dedup])
+
+    @stage.every(60.0, "forget-expired-dedup-keys")
+    async def forget_expired() -> None:
+        horizon = utcnow().timestamp() - window_s
+        for partition in dedup.owned:
+            for key, raw in dedup.items(partition):
+                if Sighting.decode(raw).at <= horizon:
+                    dedup.put(key, None, partition)
+
+    return stage

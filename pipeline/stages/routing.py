@@ -10,14 +10,13 @@ sent again, so a redelivery or a replay creates nothing new.
 from __future__ import annotations
 
 import datetime
-from typing import Any
 
 from prometheus_client import Counter
 
 from pipeline import db, serde, topics
 from pipeline.ratelimit import RateLimiter
 from pipeline.stages import holds
-from pipeline.stages.runtime import StageContext, guarded, utcnow
+from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
 
 RATE_LIMIT_DEGRADED = Counter(
     "notify_ratelimit_degraded_total", "Critical sends let through while Redis was unavailable.", ["lane"])
@@ -36,12 +35,12 @@ ON CONFLICT (notification_id, channel) DO NOTHING
 """
 
 
-def build(ctx: StageContext) -> None:
-    app, lane = ctx.app, ctx.lane
+def build(ctx: StageContext) -> Stage:
+    lane = ctx.lane
     limiter = RateLimiter.from_url(ctx.settings.redis_dsn)
 
-    async def handle(ctx: StageContext, event: Any) -> str:
-        task = await ctx.decode_or_quarantine(event, serde.DELIVERY_TASK)
+    async def handle(ctx: StageContext, record: Record) -> str:
+        task = await ctx.decode_or_quarantine(record, serde.DELIVERY_TASK)
         if task is None:
             return "undecodable"
         notification_id, channel = str(task["notification_id"]), task["channel"]
@@ -55,8 +54,9 @@ def build(ctx: StageContext) -> None:
                                        lane=lane, notification_id=notification_id,
                                        now_ms=int(now.timestamp() * 1000))
         if decision.outcome == "unavailable":
+            assert record.value is not None
             await holds.hold(ctx, hold_id=f"ratelimit:{notification_id}:{channel}:{int(now.timestamp())}",
-                             topic=topics.routed_topic(lane), key=task["user_id"], value=event.value,
+                             topic=topics.routed_topic(lane), key=task["user_id"], value=record.value,
                              reason="rate_limiter_unavailable", notification_id=notification_id,
                              due_at=now + REDIS_OUTAGE_HOLD)
             await ctx.emit(task, "deferred", channel=channel, error_code="rate_limiter_unavailable")
@@ -78,14 +78,11 @@ def build(ctx: StageContext) -> None:
         state, inserted = row
         if not inserted and state != "queued":
             return "already_routed"  # a replay of something already on its way or done: nothing new
-        await ctx.send(topics.send_topic(channel, lane), task["user_id"], event.value)
+        ctx.send(topics.send_topic(channel, lane), task["user_id"], record.value)
         if inserted:
             await ctx.emit(task, "queued", channel=channel)
         return "queued"
 
-    @app.agent(ctx.topic(topics.routed_topic(lane)), name=f"routing-{lane}")
-    async def routing(stream: Any) -> None:
-        async for event in stream.events():
-            await guarded(ctx, event, handle)
-
-    holds.add_releaser(ctx, [topics.routed_topic(lane)])
+    stage = Stage(ctx, {topics.routed_topic(lane): handle})
+    holds.add_releaser(stage, [topics.routed_topic(lane)])
+    return stage

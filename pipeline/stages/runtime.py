@@ -1,26 +1,39 @@
-"""What every stage agent shares: its Faust app, output topics, delivery events, quarantine and metrics.
+"""What every stage shares: its consumer loop with offsets we commit ourselves, tables, timers, output, metrics.
 
-A stage is a Faust app of its own (app id = consumer group `notify-<stage>-<lane>`), so each stage and lane
-scales and lags apart. The agent body reads, calls a policy (pipeline/policy), and writes through this module.
-Every agent body catches its own failures and routes the message on (see `guarded`): an exception inside a
-Faust agent would otherwise ack and drop the message.
+A stage of a lane is one consumer group (`<prefix>notify-<stage>-<lane>`), so stages and lanes lag and scale
+apart. The loop is at-least-once by construction: consume a batch, run the handler on every record (records
+of one partition in order, partitions side by side), wait until Kafka acknowledged everything the batch
+produced, and only then commit the batch's offsets. A crash anywhere re-delivers the uncommitted batch, and
+every stage is idempotent, so nothing is lost and nothing is done twice.
+
+Why not Faust agents: faust-streaming 0.15.3 lost requests in our SIGKILL-and-restart test (its fetcher
+delivers records before it seeks to the committed offsets after a rebalance, then drops them as "already read":
+the log showed `DROPPED MESSAGE ROFF n` for records no agent ever saw; see faust-streaming issues #216, #596).
+The model is the same (an agent per stage, per-partition state in changelog-backed tables, timers), with
+offsets under our control.
+
+Every handler runs under `guarded`: whatever it raises, the record goes to quarantine with the reason; if not
+even quarantine takes it, the worker stops without committing, so the record is redelivered.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime
 import logging
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import faust
-from prometheus_client import Counter, Histogram
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline import serde, topics
+from pipeline import kafka, serde
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.errors import DecodeError
@@ -35,6 +48,10 @@ STAGE_SECONDS = Histogram(
 STAGE_QUEUE_SECONDS = Histogram(
     "notify_stage_queue_latency_seconds", "Time from a notification's creation to this stage picking it up.",
     ["stage", "lane"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+STAGE_BATCH = Histogram(
+    "notify_stage_batch_size", "Records per consumed batch.", ["stage", "lane"],
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000))
+STAGE_ASSIGNED = Gauge("notify_stage_assigned_partitions", "Partitions this worker owns.", ["stage", "lane"])
 QUARANTINED = Counter(
     "notify_quarantined_total", "Messages sent to the invalid topic, by reason.", ["stage", "lane", "reason"])
 EVENTS = Counter("notify_delivery_events_total", "Delivery events emitted, by status.", ["stage", "lane", "status"])
@@ -44,59 +61,95 @@ HEADER_DETAIL = "notify-detail"
 HEADER_SOURCE = "notify-source"  # topic/partition/offset the quarantined bytes came from
 HEADER_RELEASED = "notify-released"  # a held message coming back; its hold is not applied again
 
+BATCH_SIZE = 500
+POLL_TIMEOUT_S = 0.2
+FLUSH_TIMEOUT_S = 30.0
+
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def raw_topic(app: faust.App, name: str) -> Any:
-    """A topic of bytes keys and values (our own Avro serializer does the encoding)."""
-    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, as a handler sees it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Mapping[str, bytes]
+    timestamp_ms: int
+
+    @classmethod
+    def of(cls, message: Message) -> Record:
+        raw = message.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = {name: value.encode() if isinstance(value, str) else bytes(value or b"") for name, value in pairs}
+        return cls(topic=message.topic() or "", partition=message.partition() or 0, offset=message.offset() or 0,
+                   key=message.key(), value=message.value(), headers=headers, timestamp_ms=message.timestamp()[1])
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
 
 
-def make_app(settings: Settings, stage: str, lane: Lane) -> faust.App:
-    brokers = ";".join(f"kafka://{server}" for server in settings.bootstrap_servers.split(","))
-    return faust.App(
-        f"{settings.topic_prefix}notify-{stage}-{lane}",
-        broker=brokers,
-        store="memory://",
-        datadir=str(settings.stack_dir / "faust"),
-        web_enabled=False,
-        topic_disable_leader=True,
-        topic_allow_declare=True,  # Faust declares only its internal (changelog) topics; ours come from topics/
-        topic_partitions=topics.spec(topics.requests_topic(lane)).partitions,
-        producer_acks=-1,
-        broker_commit_interval=1.0,
-        # a worker that died is noticed in seconds, not Faust's default minute, so its partitions move on fast
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
-        consumer_auto_offset_reset="earliest",
-        stream_wait_empty=False,
-        stream_processing_timeout=30.0,
-        table_cleanup_interval=60.0,
-        logging_config=None,
-    )
+class DeliveryFailed(RuntimeError):
+    """Kafka did not acknowledge something a batch produced: the batch is not committed."""
 
 
 @dataclass
 class StageContext:
-    """One stage of one lane: the app, its output topics, the serializer, and how to report."""
+    """One stage of one lane: its producer, the serializer, and how it reports (events, quarantine, metrics)."""
 
     settings: Settings
     stage: str
     lane: Lane
-    app: faust.App
+    producer: Producer
     codec: serde.AvroSerde = field(default_factory=serde.AvroSerde)
-    _topics: dict[str, Any] = field(default_factory=dict)
+    pending: list[concurrent.futures.Future[None]] = field(default_factory=list)
 
-    def topic(self, logical_name: str) -> Any:
-        if logical_name not in self._topics:
-            self._topics[logical_name] = raw_topic(self.app, self.settings.topic(logical_name))
-        return self._topics[logical_name]
+    @property
+    def group_id(self) -> str:
+        return f"{self.settings.topic_prefix}notify-{self.stage}-{self.lane}"
 
-    async def send(self, logical_name: str, key: str, value: bytes,
-                   headers: Mapping[str, bytes] | None = None) -> None:
-        await self.topic(logical_name).send(key=key.encode(), value=value, headers=dict(headers or {}))
+    def send(self, logical_name: str, key: str | bytes | None, value: bytes | None,
+             headers: Mapping[str, bytes] | None = None, partition: int | None = None,
+             ) -> concurrent.futures.Future[None]:
+        """Produce without waiting; the returned future (also kept in `pending`) completes when Kafka acks."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(DeliveryFailed(f"{logical_name}: {error}"))
+
+        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(self.settings.topic(logical_name), value=value,
+                                      key=key.encode() if isinstance(key, str) else key,
+                                      headers=list((headers or {}).items()), on_delivery=on_delivery, **extra)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain, then try again
+                self.producer.poll(0.1)
+        self.pending.append(done)
+        return done
+
+    async def settle(self, futures: Sequence[concurrent.futures.Future[None]] | None = None) -> None:
+        """Wait until Kafka acknowledged `futures` (default: everything produced so far); raise if any failed."""
+        waiting = list(self.pending if futures is None else futures)
+        if futures is None:
+            self.pending = []
+        if not waiting:
+            return
+        remaining = await asyncio.to_thread(self.producer.flush, FLUSH_TIMEOUT_S)
+        if remaining:
+            raise DeliveryFailed(f"{remaining} messages not acknowledged within {FLUSH_TIMEOUT_S:.0f}s")
+        for future in waiting:
+            future.result(timeout=0)  # raises DeliveryFailed
 
     async def emit(self, request: Mapping[str, Any], status: str, *, channel: str | None = None,
                    provider: str | None = None, attempt: int = 0, error_code: str | None = None,
@@ -119,28 +172,33 @@ class StageContext:
             "created_at": request.get("created_at"),
             "correlation_id": request.get("correlation_id"),
         }
-        await self.send(topics.DELIVERY_EVENTS, request["user_id"], self.codec.encode(serde.DELIVERY_EVENT, event))
+        from pipeline import topics  # late: topics imports nothing from here, but keep the module graph flat
+
+        self.send(topics.DELIVERY_EVENTS, request["user_id"], self.codec.encode(serde.DELIVERY_EVENT, event))
         EVENTS.labels(self.stage, self.lane, status).inc()
 
-    async def quarantine(self, event: Any, reason: str, detail: str) -> None:
+    async def quarantine(self, record: Record, reason: str, detail: str) -> None:
         """The original bytes to `invalid`, with why and where from in headers."""
-        message = event.message
+        from pipeline import topics
+
         headers = {
             HEADER_REASON: reason.encode(),
             HEADER_DETAIL: detail[:2000].encode(errors="replace"),
-            HEADER_SOURCE: f"{message.topic}/{message.partition}/{message.offset}".encode(),
+            HEADER_SOURCE: record.source.encode(),
             "notify-stage": self.stage.encode(),
         }
-        await self.topic(topics.INVALID).send(key=event.key, value=event.value, headers=headers)
+        self.send(topics.INVALID, record.key, record.value, headers)
         QUARANTINED.labels(self.stage, self.lane, reason).inc()
-        log.warning("quarantined %s/%s/%s: %s %s", message.topic, message.partition, message.offset, reason, detail)
+        log.warning("quarantined %s: %s %s", record.source, reason, detail)
 
-    async def decode_or_quarantine(self, event: Any, record: str) -> dict[str, Any] | None:
-        """The record `event` carries, or None after sending undecodable bytes to quarantine."""
+    async def decode_or_quarantine(self, record: Record, name: str) -> dict[str, Any] | None:
+        """The record `record` carries, or None after sending undecodable bytes to quarantine."""
         try:
-            value: dict[str, Any] = self.codec.decode(event.value, expected=record).value
+            if record.value is None:
+                raise DecodeError("empty", "a null value (tombstone) where a record was expected")
+            value: dict[str, Any] = self.codec.decode(record.value, expected=name).value
         except DecodeError as exc:
-            await self.quarantine(event, exc.reason, str(exc))
+            await self.quarantine(record, exc.reason, str(exc))
             return None
         self.observe_queue_latency(value.get("created_at"))
         return value
@@ -151,34 +209,256 @@ class StageContext:
                 max(0.0, (utcnow() - created_at).total_seconds()))
 
 
-Handler = Callable[[StageContext, Any], Awaitable[str]]
+Handler = Callable[[StageContext, Record], Awaitable[str]]
 
 
-async def guarded(ctx: StageContext, event: Any, handle: Handler) -> None:
-    """Run `handle` on one event; whatever it raises, the message is routed (quarantine), never dropped."""
+async def guarded(ctx: StageContext, record: Record, handle: Handler) -> None:
+    """Run `handle` on one record; whatever it raises, the record is routed (quarantine), never dropped."""
     started = time.perf_counter()
     try:
-        outcome = await handle(ctx, event)
+        outcome = await handle(ctx, record)
     except Exception as exc:  # the last line of defence: the message must go somewhere
         outcome = "error"
-        log.exception("%s/%s failed on %s/%s/%s", ctx.stage, ctx.lane, event.message.topic,
-                      event.message.partition, event.message.offset)
-        try:
-            await ctx.quarantine(event, "stage_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
-        except Exception:
-            # Not even the quarantine topic takes it: stop rather than ack a message we could not route.
-            log.critical("cannot quarantine; stopping the worker so the message is redelivered")
-            raise SystemExit(70) from None
+        log.exception("%s/%s failed on %s", ctx.stage, ctx.lane, record.source)
+        await ctx.quarantine(record, "stage_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
     STAGE_MESSAGES.labels(ctx.stage, ctx.lane, outcome).inc()
     STAGE_SECONDS.labels(ctx.stage, ctx.lane).observe(time.perf_counter() - started)
 
 
-def header(event: Any, name: str) -> bytes | None:
-    headers = event.headers or {}
-    if isinstance(headers, Mapping):
-        value = headers.get(name)
-        return value if isinstance(value, bytes) or value is None else bytes(value)
-    for key, value in headers:
-        if key == name:
-            return bytes(value)
-    return None
+def header(record: Record, name: str) -> bytes | None:
+    return record.headers.get(name)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+class Table:
+    """Per-partition state kept in memory and backed by a compacted topic co-partitioned with the stage's input.
+
+    Partition p of the table belongs to whoever owns partition p of the input (same key, same partitioner), so
+    reads are local. When a partition is assigned, its part of the backing topic is read to the end before any
+    input record of that partition is processed; afterwards `catch_up` applies what others wrote (e.g. the
+    settings API) between batches. `put` writes through to the topic, so a restarted worker finds the state.
+    """
+
+    def __init__(self, ctx: StageContext, logical_topic: str, *,
+                 apply: Callable[[bytes | None, bytes | None], bytes | None] | None = None,
+                 on_update: Callable[[str], None] | None = None) -> None:
+        self.ctx = ctx
+        self.logical_topic = logical_topic
+        self.topic = ctx.settings.topic(logical_topic)
+        self._apply = apply or (lambda _current, new: new)
+        self._on_update = on_update
+        self._data: dict[int, dict[str, bytes]] = defaultdict(dict)
+        self._reader: Consumer = kafka.consumer(ctx.settings, f"{ctx.group_id}-table-{uuid.uuid4().hex[:8]}")
+        self._owned: set[int] = set()
+
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self._owned)
+
+    def get(self, key: str, partition: int) -> bytes | None:
+        return self._data[partition].get(key)
+
+    def items(self, partition: int) -> list[tuple[str, bytes]]:
+        return list(self._data[partition].items())
+
+    def put(self, key: str, value: bytes | None, partition: int) -> concurrent.futures.Future[None]:
+        """Set (or, with None, delete) `key` in `partition`: in memory now, in the backing topic when acked."""
+        if value is None:
+            self._data[partition].pop(key, None)
+        else:
+            self._data[partition][key] = value
+        return self.ctx.send(self.logical_topic, key, value, partition=partition)
+
+    def _ingest(self, message: Message) -> None:
+        key = (message.key() or b"").decode(errors="replace")
+        partition = message.partition() or 0
+        merged = self._apply(self._data[partition].get(key), message.value())
+        if merged is None:
+            self._data[partition].pop(key, None)
+        else:
+            self._data[partition][key] = merged
+        if self._on_update is not None:
+            self._on_update("deleted" if message.value() is None else "updated")
+
+    def restore(self, partitions: Iterable[int], timeout_s: float = 120.0) -> None:
+        """Own `partitions`: read their part of the backing topic to its current end (blocking)."""
+        new = sorted(set(partitions) - self._owned)
+        if not new:
+            return
+        ends = {}
+        for p in new:
+            low, high = self._reader.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+            self._data[p] = {}
+        self._reader.incremental_assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in new])
+        self._owned.update(new)
+        deadline = time.monotonic() + timeout_s
+        restored = 0
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"restoring {self.topic} partitions {sorted(ends)} took over {timeout_s:.0f}s")
+            for message in self._reader.consume(1000, 0.5):
+                if message.error() is not None:
+                    continue
+                self._ingest(message)
+                restored += 1
+                partition, offset = message.partition() or 0, message.offset() or 0
+                if offset + 1 >= ends.get(partition, 0):
+                    ends.pop(partition, None)
+        log.info("%s: restored %d records of %s partitions %s", self.ctx.group_id, restored, self.topic, new)
+
+    def release(self, partitions: Iterable[int]) -> None:
+        gone = sorted(set(partitions) & self._owned)
+        if not gone:
+            return
+        self._reader.incremental_unassign([TopicPartition(self.topic, p) for p in gone])
+        for p in gone:
+            self._owned.discard(p)
+            self._data.pop(p, None)
+
+    def catch_up(self) -> int:
+        """Apply whatever arrived on the owned partitions since the last call, without waiting."""
+        if not self._owned:
+            return 0
+        applied = 0
+        for message in self._reader.consume(1000, 0):
+            if message.error() is None and message.partition() in self._owned:
+                self._ingest(message)
+                applied += 1
+        return applied
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class Timer:
+    interval_s: float
+    run: Callable[[], Awaitable[None]]
+    name: str
+    due: float = 0.0
+
+
+@dataclass
+class Stage:
+    """What a stage consists of: handlers per input topic, tables that follow the input's partitions, timers."""
+
+    ctx: StageContext
+    handlers: dict[str, Handler]  # logical input topic -> handler
+    tables: list[Table] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
+
+    def every(self, interval_s: float, name: str) -> Callable[[Callable[[], Awaitable[None]]],
+                                                             Callable[[], Awaitable[None]]]:
+        def register(run: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+            self.timers.append(Timer(interval_s, run, name))
+            return run
+        return register
+
+
+class StageRunner:
+    """Runs one Stage until `stop()`: consume, handle, settle, commit; tables follow the assignment."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.ctx = stage.ctx
+        self._stopping = asyncio.Event()
+        self._consumer: Consumer = kafka.consumer(self.ctx.settings, self.ctx.group_id, **{
+            "max.poll.interval.ms": 300_000,
+            "client.id": f"notify-{self.ctx.stage}-{self.ctx.lane}",
+        })
+        self._topics = {self.ctx.settings.topic(name): name for name in stage.handlers}
+        self.ready = asyncio.Event()
+
+    # librdkafka calls these from inside consume(), on our consumer thread, between batches: nothing is in
+    # flight then (each batch is committed before the next consume), so an eager rebalance loses nothing.
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = {tp.partition for tp in partitions}
+        for table in self.stage.tables:
+            table.restore(numbers)
+        STAGE_ASSIGNED.labels(self.ctx.stage, self.ctx.lane).set(len(partitions))
+        log.info("%s: assigned %s", self.ctx.group_id, sorted((tp.topic, tp.partition) for tp in partitions))
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = {tp.partition for tp in partitions}
+        for table in self.stage.tables:
+            table.release(numbers)
+        STAGE_ASSIGNED.labels(self.ctx.stage, self.ctx.lane).set(0)
+        log.info("%s: revoked %s", self.ctx.group_id, sorted((tp.topic, tp.partition) for tp in partitions))
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _handle_partition(self, records: list[Record]) -> None:
+        for record in records:
+            await guarded(self.ctx, record, self.stage.handlers[self._topics[record.topic]])
+
+    async def _run_due_timers(self) -> None:
+        """Timers run between batches, on the loop: they never race a batch over tables or pending sends."""
+        for timer in self.stage.timers:
+            now = time.monotonic()
+            if now < timer.due:
+                continue
+            timer.due = now + timer.interval_s
+            try:
+                await timer.run()
+                await self.ctx.settle()
+            except Exception:  # a timer's failure must not end the worker: the next tick retries
+                log.exception("%s: timer %s failed; retrying next tick", self.ctx.group_id, timer.name)
+
+    async def run(self) -> None:
+        # One thread owns the consumer and the table readers (librdkafka clients are not to be shared).
+        io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{self.ctx.stage}")
+        loop = asyncio.get_running_loop()
+
+        def on_thread(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+            return loop.run_in_executor(io, fn, *args)
+
+        await on_thread(self._consumer.subscribe, list(self._topics),
+                        self._on_assign, self._on_revoke, self._on_revoke)
+        try:
+            while not self._stopping.is_set():
+                messages: list[Message] = await on_thread(self._consumer.consume, BATCH_SIZE, POLL_TIMEOUT_S)
+                for table in self.stage.tables:
+                    await on_thread(table.catch_up)
+                await self._run_due_timers()
+                if not messages:
+                    continue
+                by_partition: dict[tuple[str, int], list[Record]] = defaultdict(list)
+                offsets: dict[tuple[str, int], int] = {}
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            log.warning("%s: consumer error %s", self.ctx.group_id, error)
+                        continue
+                    record = Record.of(message)
+                    by_partition[(record.topic, record.partition)].append(record)
+                    offsets[(record.topic, record.partition)] = record.offset + 1
+                STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane).observe(len(messages))
+                await asyncio.gather(*(self._handle_partition(rs) for rs in by_partition.values()))
+                await self.ctx.settle()  # everything the batch produced is acknowledged ...
+                if offsets:  # ... before its offsets are committed
+                    await on_thread(self._commit, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+        finally:
+            self._stopping.set()
+            try:
+                await self.ctx.settle()
+            finally:
+                await on_thread(self._close)
+                io.shutdown(wait=False)
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _close(self) -> None:
+        self._consumer.close()  # leaves the group at once: the partitions move without a session timeout
+        for table in self.stage.tables:
+            table.close()
