@@ -141,6 +141,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return worker.run_stage(settings, args.stage, args.lane)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline import bench
+
+    return bench.run_intake_bench(config.settings(), requests=args.requests, backlog=args.backlog, otps=args.otps,
+                                  skip_backlog=args.skip_backlog, keep_topics=args.keep_topics)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     settings = config.settings()
     for name, setting in config.SETTINGS.items():
@@ -207,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lane", choices=["critical", "bulk"])
     p.add_argument("--all", action="store_true", help="every stage of both lanes, one process each")
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("bench", help="benchmark the stages on topics of their own: `notify bench intake` prints "
+                       "throughput, per-stage latency, CPU per notification and OTP latency behind a bulk backlog")
+    p.add_argument("action", choices=["intake"])
+    p.add_argument("--requests", type=int, default=20_000, help="notifications of the throughput phase")
+    p.add_argument("--backlog", type=int, default=100_000, help="bulk requests queued before the OTPs")
+    p.add_argument("--otps", type=int, default=200, help="OTPs sent (one every 50 ms) while the backlog drains")
+    p.add_argument("--skip-backlog", action="store_true", help="only the throughput phase")
+    p.add_argument("--keep-topics", action="store_true", help="leave the run's topics on the cluster")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("config", help="print every setting, its environment variable and its value")
     p.set_defaults(func=_cmd_config)

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline import config, kafka, stack, topics
+from pipeline import config, db, kafka, stack, topics
+from pipeline.api.keys import create_key
 from pipeline.config import Settings
 
 
@@ -33,6 +34,15 @@ def settings() -> Iterator[Settings]:
 def unique() -> str:
     """A short unique token for user ids, keys and names, so tests never see each other's data."""
     return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def api_key(settings: Settings, unique: str) -> Iterator[str]:
+    """A valid key of service `test-<unique>`; its row is deleted afterwards."""
+    _, key = create_key(settings, f"test-{unique}")
+    yield key
+    with db.connect(settings) as conn, conn.transaction():
+        conn.execute("DELETE FROM api_keys WHERE service = %s", (f"test-{unique}",))
 
 
 @pytest.fixture

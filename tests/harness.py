@@ -13,13 +13,18 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from pipeline import db, kafka, serde, topics
+from pipeline.api import create_app
+from pipeline.client import NotificationProducer
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.worker import STAGES, metrics_port
@@ -167,6 +172,24 @@ class Pipeline:
         raise AssertionError(f"no worker process for {stage}/{lane}")
 
 
+Client = TestClient[web.Request, web.Application]
+
+
+@asynccontextmanager
+async def serving(settings: Settings, producer: NotificationProducer | None = None, **options: Any
+                  ) -> AsyncIterator[Client]:
+    """The API app on a local port, with a client."""
+    try:
+        async with TestClient(TestServer(create_app(settings, producer=producer, **options))) as client:
+            yield client
+    finally:
+        await db.close_async_pools()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 def read_topic(settings: Settings, logical_topic: str, timeout_s: float = 5.0) -> list[Any]:
     """Everything on a topic right now (from the beginning)."""
     reader = TopicReader(settings, logical_topic)
@@ -175,23 +198,25 @@ def read_topic(settings: Settings, logical_topic: str, timeout_s: float = 5.0) -
     return reader.snapshot()
 
 
-def start_pipeline(settings: Settings, prefix: str) -> Iterator[Pipeline]:
-    """Topics under `prefix`, every worker running; everything stopped and deleted afterwards."""
+def start_pipeline(settings: Settings, prefix: str, env: dict[str, str] | None = None) -> Iterator[Pipeline]:
+    """Topics under `prefix`, every worker running (with `env` added to its environment); everything stopped and
+    deleted afterwards."""
     mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
     topics.apply(mine)
-    env = {**os.environ, "NOTIFY_TOPIC_PREFIX": prefix, "NOTIFY_METRICS_PORT": str(mine.metrics_port)}
+    env = {**os.environ, "NOTIFY_TOPIC_PREFIX": prefix, "NOTIFY_METRICS_PORT": str(mine.metrics_port), **(env or {})}
     log = open(mine.stack_dir / f"e2e-{prefix.strip('.')}.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"], env=env, cwd=REPO,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pipeline = Pipeline(settings=mine, process=process, events=TopicReader(mine, topics.DELIVERY_EVENTS))
     try:
-        # ready when a probe OTP has gone all the way to `queued` (every lane's groups have joined by then)
+        # ready when a probe of each lane went through routing (`queued`, or `deferred` when Redis is down):
+        # every lane's groups have joined by then
         for lane_type in ("otp", "marketing"):
             probe = pipeline.request(f"probe-{uuid.uuid4().hex[:8]}", lane_type)
             pipeline.produce(probe)
             probe_id = probe["notification_id"]
-            pipeline.wait_for(lambda: "queued" in pipeline.statuses(probe_id), 120,  # noqa: B023 (used at once)
-                              f"the {lane_type} probe to be queued")
+            pipeline.wait_for(lambda: bool({"queued", "deferred"} & set(pipeline.statuses(probe_id))),  # noqa: B023
+                              120, f"the {lane_type} probe to pass routing")
         yield pipeline
     finally:
         pipeline.events.close()
@@ -240,4 +265,4 @@ def lane_records(settings: Settings, lane: str) -> list[Any]:
         consumer.close()
 
 
-__all__ = ["STAGES", "Pipeline", "lane_records", "read_topic", "start_pipeline"]
+__all__ = ["STAGES", "Client", "Pipeline", "bearer", "lane_records", "read_topic", "serving", "start_pipeline"]

@@ -7,44 +7,18 @@ import dataclasses
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from harness import lane_records
+from harness import bearer, lane_records, serving
 from prometheus_client import REGISTRY
 
-from pipeline import db, serde
-from pipeline.api import create_app, run_api
-from pipeline.api.keys import create_key
+from pipeline import serde
+from pipeline.api import run_api
 from pipeline.client import NotificationProducer
 from pipeline.config import Settings
-
-Client = TestClient[web.Request, web.Application]
-
-
-
-@pytest.fixture
-def api_key(settings: Settings, unique: str) -> Iterator[str]:
-    """A valid key of service `test-<unique>`; its row is deleted afterwards."""
-    _, key = create_key(settings, f"test-{unique}")
-    yield key
-    with db.connect(settings) as conn, conn.transaction():
-        conn.execute("DELETE FROM api_keys WHERE service = %s", (f"test-{unique}",))
-
-
-@asynccontextmanager
-async def serving(settings: Settings, producer: NotificationProducer | None = None) -> AsyncIterator[Client]:
-    """The API app on a local port, with a client."""
-    try:
-        async with TestClient(TestServer(create_app(settings, producer=producer))) as client:
-            yield client
-    finally:
-        await db.close_async_pools()
 
 
 def closed_port() -> int:
@@ -58,10 +32,6 @@ def otp(user_id: str, **overrides: Any) -> dict[str, Any]:
     return {"idempotency_key": f"login-{uuid.uuid4().hex[:8]}", "user_id": user_id, "type": "otp",
             "channels": ["sms"], "recipient": {"phone": "+2348012345678"}, "template_id": "otp.login",
             "template_params": {"code": "123456"}, "expires_at": "2099-01-01T00:05:00Z", **overrides}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def test_a_posted_otp_is_answered_202_only_once_kafka_holds_it_on_the_critical_lane(

@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from harness import Pipeline, read_topic, start_pipeline
+from harness import Pipeline, bearer, read_topic, serving, start_pipeline
 
-from pipeline import serde, topics
+from pipeline import db, serde, topics
 from pipeline.config import Settings
 from pipeline.stages.runtime import HEADER_REASON
 
@@ -128,3 +128,57 @@ def test_quiet_hours_defer_a_price_alert_until_the_window_ends_while_an_otp_goes
     assert queued_at >= end, "never released before the window ends"
     assert queued_at - end < datetime.timedelta(seconds=5), "released on time"
     assert pipeline.deliveries(alert["notification_id"]) == [("sms", "queued", None)]
+
+
+# --- through the ingest and settings APIs ----------------------------------------------------------------------
+
+
+async def test_through_the_apis_an_opt_out_suppresses_marketing_and_identical_posts_give_one_row(
+        pipeline: Pipeline, api_key: str) -> None:
+    who = user()
+    before = pipeline.metric("preferences", "bulk", "notify_stage_messages_total", outcome="settings_updated")
+    async with serving(pipeline.settings) as client:
+        put = await client.put(f"/v1/users/{who}/settings", headers=bearer(api_key), json={
+            "categories": {"marketing": {"opted_out_channels": ["sms"]}},
+            "contacts": {"phone": "+2348012345678", "email": "ada@example.com"}})
+        assert put.status == 200, await put.text()
+        pipeline.wait_for(lambda: pipeline.metric("preferences", "bulk", "notify_stage_messages_total",
+                                                  outcome="settings_updated") > before, what="the settings")
+        marketing = {"idempotency_key": "promo-1", "user_id": who, "type": "marketing", "channels": ["sms"],
+                     "template_id": "promo.nov"}
+        debit = {"idempotency_key": "debit-9", "user_id": who, "type": "transaction", "channels": ["sms", "email"],
+                 "template_id": "debit", "template_params": {"amount": "NGN 5,000"}}
+        ids = []
+        for body in (marketing, debit, debit, debit):
+            response = await client.post("/v1/notifications", json=body, headers=bearer(api_key))
+            assert response.status == 202, await response.text()
+            ids.append((await response.json())["notification_id"])
+    marketing_id, debit_id, *resend_ids = ids
+    pipeline.wait_for(lambda: "suppressed" in pipeline.statuses(marketing_id), what="the marketing suppressed")
+    pipeline.wait_for(lambda: pipeline.statuses(debit_id).count("queued") == 2, what="the debit alert queued")
+    pipeline.wait_for(lambda: all(pipeline.statuses(i) == ["duplicate"] for i in resend_ids), what="duplicates")
+    assert pipeline.deliveries(marketing_id) == [("sms", "suppressed", "opted_out")]
+    assert pipeline.deliveries(debit_id) == [("email", "queued", None), ("sms", "queued", None)]
+
+
+@pytest.fixture(scope="module")
+def redisless(settings: Settings) -> Iterator[Pipeline]:
+    """A pipeline whose Redis is down (nothing listens where it points)."""
+    yield from start_pipeline(settings, f"noredis{uuid.uuid4().hex[:8]}.", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+
+
+def test_when_redis_is_down_otps_keep_flowing_and_bulk_is_held_durably(redisless: Pipeline) -> None:
+    who = user()
+    otp = redisless.request(who, "otp")
+    alert = redisless.request(who, "price_alert")
+    redisless.produce(otp, alert)
+    redisless.wait_for(lambda: "queued" in redisless.statuses(otp["notification_id"]), what="the OTP queued")
+    redisless.wait_for(lambda: "deferred" in redisless.statuses(alert["notification_id"]), what="the alert held")
+    assert redisless.deliveries(otp["notification_id"]) == [("sms", "queued", None)]
+    assert redisless.deliveries(alert["notification_id"]) == []
+    assert redisless.events_for(alert["notification_id"])[-1]["error_code"] == "rate_limiter_unavailable"
+    assert redisless.metric("routing", "critical", "notify_ratelimit_degraded_total") >= 1
+    with db.connect(redisless.settings) as conn:
+        held = conn.execute("SELECT reason, due_at > now() FROM held_messages WHERE notification_id = %s",
+                            (alert["notification_id"],)).fetchall()
+    assert held == [("rate_limiter_unavailable", True)]

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from pipeline import db
-from pipeline.api import auth, ingest
+from pipeline.api import auth, ingest, user_settings
 from pipeline.api.openapi import openapi_document
 from pipeline.client import FLUSH_TIMEOUT_S, NotificationProducer
 from pipeline.config import Settings
@@ -82,12 +82,15 @@ async def openapi_json(_request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings, *, producer: NotificationProducer | None = None,
-               key_cache_ttl_s: float = auth.KEY_CACHE_TTL_S) -> web.Application:
+               key_cache_ttl_s: float = auth.KEY_CACHE_TTL_S,
+               outbox: user_settings.SettingsOutbox | None = None) -> web.Application:
     """The API app. Without `producer`, one is created when the app starts and flushed and closed when it stops;
-    a given producer belongs to the caller (not closed here)."""
+    a given producer belongs to the caller (not closed here). `outbox` publishes settings writes (default: one
+    on `settings`)."""
     app = web.Application(client_max_size=ingest.MAX_BODY_BYTES, middlewares=[metrics_middleware])
     auth.setup(app, settings, cache_ttl_s=key_cache_ttl_s)
     ingest.setup(app)
+    user_settings.setup(app, settings, outbox)
     app.router.add_get("/health/live", live)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/metrics", metrics)

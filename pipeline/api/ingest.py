@@ -45,7 +45,7 @@ class IngestState:
 INGEST = web.AppKey("notify.ingest", IngestState)
 
 
-def _json_error(status: type[web.HTTPException], message: str, details: Sequence[FieldProblem] = (),
+def json_error(status: type[web.HTTPException], message: str, details: Sequence[FieldProblem] = (),
                 headers: Mapping[str, str] | None = None, **extra: Any) -> NoReturn:
     body: dict[str, Any] = {"error": message}
     if details:
@@ -75,7 +75,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         return json.loads(raw, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
-        _json_error(web.HTTPBadRequest, f"body is not well-formed JSON: {exc}")
+        json_error(web.HTTPBadRequest, f"body is not well-formed JSON: {exc}")
 
 
 def _parse_instant(value: Any, field: str, problems: list[FieldProblem]) -> Any:
@@ -122,7 +122,7 @@ def prepare_item(producer: NotificationProducer, item: Any, service: str, prefix
 def _producer(request: web.Request) -> NotificationProducer:
     producer = request.app[INGEST].producer
     if producer is None:  # only while starting or stopping
-        _json_error(web.HTTPServiceUnavailable, "the API is not ready", headers=_retry_after())
+        json_error(web.HTTPServiceUnavailable, "the API is not ready", headers=_retry_after())
     return producer
 
 
@@ -140,11 +140,11 @@ async def post_notification(request: web.Request) -> web.Response:
     prepared, problems = prepare_item(producer, await read_json(request), request[auth.SERVICE])
     if prepared is None:
         NOTIFICATIONS.labels("unknown", "invalid").inc()
-        _json_error(web.HTTPUnprocessableEntity, "invalid notification request", problems)
+        json_error(web.HTTPUnprocessableEntity, "invalid notification request", problems)
     (outcome,) = await producer.send_prepared([prepared])
     _count([outcome])
     if outcome.error is not None:
-        _json_error(web.HTTPServiceUnavailable, "Kafka did not take the notification; retry with the same "
+        json_error(web.HTTPServiceUnavailable, "Kafka did not take the notification; retry with the same "
                     "idempotency_key", headers=_retry_after(), notification_id=outcome.notification_id,
                     retryable=outcome.error.retryable, reason=outcome.error.reason)
     return web.json_response({"notification_id": outcome.notification_id}, status=202)
@@ -169,10 +169,10 @@ async def post_batch(request: web.Request) -> web.Response:
     body = await read_json(request)
     items = body.get("notifications") if isinstance(body, dict) else None
     if not isinstance(body, dict) or set(body) - {"notifications"}:
-        _json_error(web.HTTPUnprocessableEntity, "invalid batch",
+        json_error(web.HTTPUnprocessableEntity, "invalid batch",
                     [FieldProblem("(body)", 'must be an object with only "notifications": [...]')])
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
-        _json_error(web.HTTPUnprocessableEntity, "invalid batch",
+        json_error(web.HTTPUnprocessableEntity, "invalid batch",
                     [FieldProblem("notifications", f"must be an array of 1 to {MAX_BATCH} requests")])
     prepared: list[PreparedNotification] = []
     problems: list[FieldProblem] = []
@@ -189,7 +189,7 @@ async def post_batch(request: web.Request) -> web.Response:
         invalid, problems = list(duplicates), list(duplicates.values())
     if problems:
         NOTIFICATIONS.labels("unknown", "invalid").inc(len(invalid))
-        _json_error(web.HTTPUnprocessableEntity,
+        json_error(web.HTTPUnprocessableEntity,
                     f"{len(invalid)} of {len(items)} notification(s) invalid; nothing was produced",
                     problems, invalid_items=invalid)
     outcomes = await producer.send_prepared(prepared)
@@ -200,7 +200,7 @@ async def post_batch(request: web.Request) -> web.Response:
                    else {"index": i, "notification_id": o.notification_id, "status": "failed",
                          "retryable": o.error.retryable, "reason": o.error.reason}
                    for i, o in enumerate(outcomes)]
-        _json_error(web.HTTPServiceUnavailable,
+        json_error(web.HTTPServiceUnavailable,
                     f"Kafka did not take {len(failed)} of {len(outcomes)} notification(s); retrying the whole "
                     "batch with the same idempotency keys is safe", headers=_retry_after(), results=results)
     return web.json_response({"notification_ids": [o.notification_id for o in outcomes]}, status=202)

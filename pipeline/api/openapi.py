@@ -119,6 +119,38 @@ _SCHEMAS: dict[str, Any] = {
                         "items": _ref("BatchItemResult")},
         },
     },
+    "UserSettingsWrite": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "A user's settings, replaced whole by PUT (absent fields take their defaults). Mirrors "
+                       "the Avro UserSettings (schemas/UserSettings.avsc).",
+        "properties": {
+            "timezone": _text("IANA time zone of quiet hours.", default="UTC"),
+            "channel_preference": {"type": "array", "uniqueItems": True,
+                                   "items": {"type": "string", "enum": list(CHANNELS)},
+                                   "description": "Order used when a request asks for auto channels."},
+            "categories": {
+                "type": "object", "propertyNames": {"enum": list(NOTIFICATION_TYPES)},
+                "additionalProperties": {"type": "object", "additionalProperties": False, "properties": {
+                    "opted_in_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}},
+                    "opted_out_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}}}},
+                "description": "Per notification type: channel opt-outs (a marketing opt-out never blocks an OTP)."},
+            "quiet_hours": {"oneOf": [{"type": "null"}, {
+                "type": "object", "required": ["start", "end"], "additionalProperties": False,
+                "properties": {"start": _text("HH:MM local", pattern="^[0-2][0-9]:[0-5][0-9]$"),
+                               "end": _text("HH:MM local, exclusive", pattern="^[0-2][0-9]:[0-5][0-9]$")}}]},
+            "digest": {"type": "string", "enum": ["none", "daily", "weekly"], "default": "none"},
+            "contacts": _ref("Recipient"),
+        },
+    },
+    "UserSettings": {
+        "allOf": [_ref("UserSettingsWrite"), {
+            "type": "object", "required": ["user_id", "version", "updated_at"],
+            "properties": {"user_id": {"type": "string"}, "version": {"type": "integer"},
+                           "updated_at": {"type": "string", "format": "date-time"},
+                           "published": {"type": "boolean", "description": "PUT only: already on the "
+                                         "user-settings topic (otherwise the outbox relay publishes it shortly)."}}}],
+    },
     "BatchItemResult": {
         "type": "object",
         "required": ["index", "notification_id", "status"],
@@ -174,6 +206,23 @@ def openapi_document() -> dict[str, Any]:
                 "Batch", "BatchAccepted",
                 "Kafka did not take some items (`results` says which); retrying the whole batch with the same "
                 "idempotency keys is safe.")}},
+            "/v1/users/{user_id}/settings": {
+                "parameters": [{"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": {"operationId": "getUserSettings", "summary": "A user's notification settings",
+                        "security": [{"bearerKey": []}, {"headerKey": []}],
+                        "responses": {"200": _json("UserSettings", "The settings; ETag is the version."),
+                                      "401": _COMMON_ERRORS["401"],
+                                      "404": _json("Error", "No settings stored: defaults apply.")}},
+                "put": {"operationId": "putUserSettings", "summary": "Replace a user's notification settings",
+                        "description": "Stored in PostgreSQL and published to the user-settings topic through a "
+                                       "transactional outbox; the preferences stage follows within seconds. "
+                                       'Send `If-Match: "<version>"` to refuse a concurrent change.',
+                        "security": [{"bearerKey": []}, {"headerKey": []}],
+                        "requestBody": {"required": True,
+                                        "content": {"application/json": {"schema": _ref("UserSettingsWrite")}}},
+                        "responses": {"200": _json("UserSettings", "Stored (new version)."), **_COMMON_ERRORS,
+                                      "412": _json("Error", "If-Match does not name the current version.")}},
+            },
             "/health/live": {"get": {"operationId": "live", "summary": "The process is up", "security": [],
                                      "responses": {"200": {"description": "Alive."}}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [],

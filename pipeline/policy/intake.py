@@ -154,12 +154,8 @@ def _recipient_problems(request: Mapping[str, Any]) -> list[str]:
         found.append("recipient.phone is not an E.164 number")
     if email is not None and not is_email(email):
         found.append("recipient.email is not a valid email address")
-    if "sms" in channels and phone is None:
-        found.append("sms requested but recipient.phone is missing")
-    if "email" in channels and email is None:
-        found.append("email requested but recipient.email is missing")
-    if "push" in channels and not usable_device_tokens(recipient):
-        found.append("push requested but recipient has no usable device token")
+    # A missing address is not a problem here: preferences resolves it from the user's contacts (UserSettings),
+    # which intake cannot see, and suppresses the channel (`no_recipient`) when the user has none either.
     return found
 
 
