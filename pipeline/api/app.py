@@ -131,9 +131,12 @@ async def run_api(settings: Settings, host: str = DEFAULT_HOST, port: int | None
         await stop.wait()
         log.info("API stopping: no new connections, finishing in-flight requests")
     finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
         # Closes the listening socket, waits for in-flight requests (bounded), then runs the cleanup contexts
-        # (the producer flush).
-        await runner.cleanup()
-        await db.close_async_pools()
+        # (the producer flush). The signal handlers stay until then: a second Ctrl-C or the supervisor's
+        # SIGTERM must not interrupt the flush.
+        try:
+            await runner.cleanup()
+            await db.close_async_pools()
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
