@@ -1,0 +1,117 @@
+"""Provider routing policy: which providers to try for a send, in what order, and what an outcome does next.
+
+Pure functions over plain data; the sender stage reads breaker states and latency figures, asks here, and acts.
+
+- Order: the channel's provider list (Twilio then Termii, SendGrid then Mailgun, FCM then APNs), overridable per
+  lane and per country (the phone number's calling code) in configuration.
+- A provider whose circuit breaker is open is skipped while another is usable; half-open lets one probe through.
+  If every provider's breaker is open, the first in order is still tried: an OTP is better attempted than parked.
+- Deadline-aware: a provider whose recent p95 latency exceeds the time the notification has left to live is
+  skipped (an OTP answered after it expired is worthless), unless no provider is fast enough.
+- Outcomes: accepted ends the attempt; permanent fails the channel (no other provider: an invalid number is
+  invalid everywhere); transient falls over to the next candidate, and when none is left the delivery is
+  scheduled for retry; ambiguous stops everything (the provider may have sent it): the row goes to `unknown` and
+  reconciliation asks the provider before anything is re-sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+OutcomeKind = Literal["accepted", "permanent", "transient", "ambiguous"]
+BreakerState = Literal["closed", "open", "half_open"]
+
+DEFAULT_ORDER: Final[Mapping[str, tuple[str, ...]]] = {
+    "sms": ("twilio", "termii"),
+    "email": ("sendgrid", "mailgun"),
+    "push": ("fcm", "apns"),
+}
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Provider order per channel, with overrides per (channel, lane) and per (channel, calling code)."""
+
+    default: Mapping[str, tuple[str, ...]]
+    by_lane: Mapping[tuple[str, str], tuple[str, ...]]
+    by_country: Mapping[tuple[str, str], tuple[str, ...]]  # (channel, calling code without "+", e.g. "234")
+
+    def order(self, channel: str, lane: str, phone: str | None = None) -> tuple[str, ...]:
+        if phone and phone.startswith("+"):
+            # the longest calling code that has an override wins (+1 vs +1876)
+            for length in (4, 3, 2, 1):
+                override = self.by_country.get((channel, phone[1:1 + length]))
+                if override:
+                    return override
+        return self.by_lane.get((channel, lane)) or self.default[channel]
+
+
+DEFAULT_ROUTING: Final = RoutingTable(DEFAULT_ORDER, {}, {})
+
+
+def candidates(order: Sequence[str], breakers: Mapping[str, BreakerState],
+               p95_latency_s: Mapping[str, float], remaining_s: float | None) -> list[str]:
+    """Providers to try, best first. Never empty when `order` is not."""
+    usable = [p for p in order if breakers.get(p, "closed") != "open"] or list(order[:1])
+    if remaining_s is None:
+        return usable
+    in_time = [p for p in usable if p95_latency_s.get(p, 0.0) <= remaining_s]
+    return in_time or usable
+
+
+@dataclass(frozen=True)
+class Next:
+    """What the sender does after one provider's outcome."""
+
+    action: Literal["record_accepted", "fail", "try_next", "schedule_retry", "mark_unknown"]
+    reason: str = ""
+
+
+def after(outcome: OutcomeKind, tried: int, candidates_total: int) -> Next:
+    """The step after the `tried`-th candidate (1-based) answered `outcome`."""
+    if outcome == "accepted":
+        return Next("record_accepted")
+    if outcome == "permanent":
+        return Next("fail", "permanent")
+    if outcome == "ambiguous":
+        return Next("mark_unknown", "ambiguous: the provider may have accepted it")
+    if tried < candidates_total:
+        return Next("try_next", "transient")
+    return Next("schedule_retry", "transient on every provider")
+
+
+# --------------------------------------------------------------------------------------------- circuit breaker
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    failure_rate: float = 0.5  # open when failures / calls in the window reach this ...
+    min_calls: int = 20  # ... over at least this many calls
+    window_s: int = 30  # rolling window
+    open_s: float = 15.0  # how long it stays open before a half-open probe
+
+
+@dataclass(frozen=True)
+class Breaker:
+    state: BreakerState
+    opened_at: float | None = None  # epoch seconds
+
+
+def breaker_state(breaker: Breaker, calls: int, failures: int, now: float, policy: BreakerPolicy) -> Breaker:
+    """The breaker after looking at the window's counts at `now` (before a call)."""
+    if breaker.state == "open":
+        if breaker.opened_at is not None and now - breaker.opened_at >= policy.open_s:
+            return Breaker("half_open", breaker.opened_at)
+        return breaker
+    if breaker.state == "closed" and calls >= policy.min_calls and failures / calls >= policy.failure_rate:
+        return Breaker("open", now)
+    return breaker
+
+
+def breaker_after_call(breaker: Breaker, succeeded: bool, now: float) -> Breaker:
+    """A half-open probe closes the breaker on success and re-opens it on failure."""
+    if breaker.state != "half_open":
+        return breaker
+    return Breaker("closed") if succeeded else Breaker("open", now)
