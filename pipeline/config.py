@@ -44,6 +44,26 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"{value} is not a positive number")
+    return value
+
+
+def _url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError(f"{raw!r} is not an http(s) URL")
+    return raw.rstrip("/")
+
+
 def _heap(raw: str) -> str:
     if not raw[:-1].isdigit() or raw[-1].lower() not in "mg":
         raise ValueError(f"{raw!r} is not a JVM heap size such as 512m or 1g")
@@ -100,7 +120,69 @@ SETTINGS: dict[str, Setting] = {
     "ready_timeout_s": Setting(
         "NOTIFY_READY_TIMEOUT_S", "120", "How long `stack up` waits for each service to become ready.",
         _positive_int),
+    # Providers. Every base URL defaults to the provider simulator (`notify simulator`); credentials default to
+    # fake test credentials that only the simulator accepts.
+    "simulator_port": Setting(
+        "NOTIFY_SIMULATOR_PORT", "58090",
+        "Port of the provider simulator (127.0.0.1); provider base URLs that are not set point at it.", _port),
+    "simulator_delivery_delay_ms": Setting(
+        "NOTIFY_SIMULATOR_DELIVERY_DELAY_MS", "500",
+        "How long after accepting a message the simulator reports it delivered (status API and callback).",
+        _non_negative_int),
+    "webhook_base_url": Setting(
+        "NOTIFY_WEBHOOK_BASE_URL", None,
+        "Public base URL of our provider webhook receiver; each provider's receipts go to <base>/<provider> "
+        "(twilio, termii, sendgrid, mailgun). Unset: no status callback is requested and the simulator sends "
+        "none.", _url),
+    "provider_timeout_s": Setting(
+        "NOTIFY_PROVIDER_TIMEOUT_S", "10",
+        "Whole-request timeout of a provider call; a timeout after the request left is an ambiguous outcome.",
+        _positive_float),
+    "provider_connect_timeout_s": Setting(
+        "NOTIFY_PROVIDER_CONNECT_TIMEOUT_S", "3",
+        "Connect timeout of a provider call (nothing was sent yet: a transient outcome).", _positive_float),
+    "provider_max_concurrency": Setting(
+        "NOTIFY_PROVIDER_MAX_CONCURRENCY", "64", "Most requests in flight to one provider per process.",
+        _positive_int),
+    "twilio_base_url": Setting(
+        "NOTIFY_TWILIO_BASE_URL", None,
+        "Twilio REST API base URL (https://api.twilio.com); default: the simulator's /twilio.", _url),
+    "twilio_account_sid": Setting(
+        "NOTIFY_TWILIO_ACCOUNT_SID", "AC00000000000000000000000000000001", "Twilio account SID.", str),
+    "twilio_auth_token": Setting(
+        "NOTIFY_TWILIO_AUTH_TOKEN", "simulator-twilio-auth-token",
+        "Twilio auth token (API auth and status-callback signatures).", str),
+    "twilio_from": Setting("NOTIFY_TWILIO_FROM", "+15005550006", "Sender number of Twilio SMS (E.164).", str),
+    "termii_base_url": Setting(
+        "NOTIFY_TERMII_BASE_URL", None,
+        "Termii API base URL (https://api.ng.termii.com); default: the simulator's /termii.", _url),
+    "termii_api_key": Setting("NOTIFY_TERMII_API_KEY", "TLsimulatortermiiapikey", "Termii API key.", str),
+    "termii_secret_key": Setting(
+        "NOTIFY_TERMII_SECRET_KEY", "simulator-termii-secret",
+        "Termii secret key (HMAC-SHA512 X-Termii-Signature of delivery reports).", str),
+    "termii_sender_id": Setting("NOTIFY_TERMII_SENDER_ID", "Notify", "Termii sender ID (3 to 11 characters).", str),
+    "sendgrid_base_url": Setting(
+        "NOTIFY_SENDGRID_BASE_URL", None,
+        "SendGrid API base URL (https://api.sendgrid.com); default: the simulator's /sendgrid.", _url),
+    "sendgrid_api_key": Setting("NOTIFY_SENDGRID_API_KEY", "SG.simulator.sendgrid-api-key", "SendGrid API key.", str),
+    "sendgrid_webhook_public_key": Setting(
+        "NOTIFY_SENDGRID_WEBHOOK_PUBLIC_KEY",
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEVIT1977aq62V9SJUOOhKHnZipXbjJyhAjiBwirJbQjZ/32i4Nx8TdZNvfd3WYsZ5wur6gZVYyEHSLvUt/EbC9w==",
+        "Verification key of SendGrid's signed event webhook (base64 DER, as SendGrid shows it); default: the "
+        "simulator's.", str),
+    "mailgun_base_url": Setting(
+        "NOTIFY_MAILGUN_BASE_URL", None,
+        "Mailgun API base URL (https://api.mailgun.net); default: the simulator's /mailgun.", _url),
+    "mailgun_api_key": Setting("NOTIFY_MAILGUN_API_KEY", "simulator-mailgun-api-key", "Mailgun API key.", str),
+    "mailgun_domain": Setting("NOTIFY_MAILGUN_DOMAIN", "mg.notify.example", "Mailgun sending domain.", str),
+    "mailgun_webhook_signing_key": Setting(
+        "NOTIFY_MAILGUN_WEBHOOK_SIGNING_KEY", "simulator-mailgun-signing-key",
+        "Mailgun HTTP webhook signing key (HMAC-SHA256 of timestamp + token).", str),
+    "email_from": Setting(
+        "NOTIFY_EMAIL_FROM", "Notify <alerts@notify.example>", "Sender of every email (SendGrid and Mailgun).", str),
 }
+
+PROVIDERS = ("twilio", "termii", "sendgrid", "mailgun")
 
 LOCAL_DB_USER = "notify"
 LOCAL_DB_PASSWORD = "notify"  # loopback-only development cluster; production sets DATABASE_URL
@@ -128,6 +210,28 @@ class Settings:
     api_port: int
     log_level: str
     ready_timeout_s: int
+    simulator_port: int
+    simulator_delivery_delay_ms: int
+    webhook_base_url: str | None
+    provider_timeout_s: float
+    provider_connect_timeout_s: float
+    provider_max_concurrency: int
+    twilio_base_url: str | None
+    twilio_account_sid: str
+    twilio_auth_token: str
+    twilio_from: str
+    termii_base_url: str | None
+    termii_api_key: str
+    termii_secret_key: str
+    termii_sender_id: str
+    sendgrid_base_url: str | None
+    sendgrid_api_key: str
+    sendgrid_webhook_public_key: str
+    mailgun_base_url: str | None
+    mailgun_api_key: str
+    mailgun_domain: str
+    mailgun_webhook_signing_key: str
+    email_from: str
     raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     # Which services are someone else's (given through the environment) and which the stack starts.
@@ -156,6 +260,17 @@ class Settings:
     @property
     def redis_dsn(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def provider_base_url(self, provider: str) -> str:
+        """Base URL of a provider's API: NOTIFY_<PROVIDER>_BASE_URL, else the simulator's /<provider>."""
+        if provider not in PROVIDERS:
+            raise ValueError(f"unknown provider {provider!r}")
+        given: str | None = getattr(self, f"{provider}_base_url")
+        return given or f"http://127.0.0.1:{self.simulator_port}/{provider}"
+
+    def webhook_url(self, provider: str) -> str | None:
+        """Where `provider` posts its delivery receipts (None: no callbacks)."""
+        return f"{self.webhook_base_url}/{provider}" if self.webhook_base_url else None
 
     def topic(self, name: str) -> str:
         """The physical name of a topic declared in topics/."""
