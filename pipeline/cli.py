@@ -152,9 +152,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     settings = config.settings()
     for name, setting in config.SETTINGS.items():
         value = getattr(settings, name)
-        shown = "(unset)" if value is None else value
+        shown = "(unset)" if value is None else ("****" + str(value)[-4:] if setting.secret else value)
         print(f"{setting.env:32} = {shown}\n{'':35}{setting.help}")
     return 0
+
+
+def _cmd_simulator(args: argparse.Namespace) -> int:
+    from connectors.simulator import run_simulator_cli
+
+    return run_simulator_cli(config.settings(), host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "the API in the foreground")
     p.add_argument("--stack-only", action="store_true", help="bring the stack up and return")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("simulator", help="the provider simulator (Twilio, Termii, SendGrid, Mailgun wire APIs) on "
+                       "127.0.0.1:NOTIFY_SIMULATOR_PORT; programmable at /_admin")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=_cmd_simulator)
 
     p = sub.add_parser("api", help="run the ingest API (127.0.0.1, NOTIFY_API_PORT)")
     p.add_argument("--port", type=int, default=None)

@@ -28,6 +28,7 @@ class Setting:
     default: str | None
     help: str
     parse: Callable[[str], Any] = str
+    secret: bool = False  # a credential: show it masked (`notify config`)
 
 
 def _port(raw: str) -> int:
@@ -151,20 +152,21 @@ SETTINGS: dict[str, Setting] = {
         "NOTIFY_TWILIO_ACCOUNT_SID", "AC00000000000000000000000000000001", "Twilio account SID.", str),
     "twilio_auth_token": Setting(
         "NOTIFY_TWILIO_AUTH_TOKEN", "simulator-twilio-auth-token",
-        "Twilio auth token (API auth and status-callback signatures).", str),
+        "Twilio auth token (API auth and status-callback signatures).", str, secret=True),
     "twilio_from": Setting("NOTIFY_TWILIO_FROM", "+15005550006", "Sender number of Twilio SMS (E.164).", str),
     "termii_base_url": Setting(
         "NOTIFY_TERMII_BASE_URL", None,
         "Termii API base URL (https://api.ng.termii.com); default: the simulator's /termii.", _url),
-    "termii_api_key": Setting("NOTIFY_TERMII_API_KEY", "TLsimulatortermiiapikey", "Termii API key.", str),
+    "termii_api_key": Setting("NOTIFY_TERMII_API_KEY", "TLsimulatortermiiapikey", "Termii API key.", str, secret=True),
     "termii_secret_key": Setting(
         "NOTIFY_TERMII_SECRET_KEY", "simulator-termii-secret",
-        "Termii secret key (HMAC-SHA512 X-Termii-Signature of delivery reports).", str),
+        "Termii secret key (HMAC-SHA512 X-Termii-Signature of delivery reports).", str, secret=True),
     "termii_sender_id": Setting("NOTIFY_TERMII_SENDER_ID", "Notify", "Termii sender ID (3 to 11 characters).", str),
     "sendgrid_base_url": Setting(
         "NOTIFY_SENDGRID_BASE_URL", None,
         "SendGrid API base URL (https://api.sendgrid.com); default: the simulator's /sendgrid.", _url),
-    "sendgrid_api_key": Setting("NOTIFY_SENDGRID_API_KEY", "SG.simulator.sendgrid-api-key", "SendGrid API key.", str),
+    "sendgrid_api_key": Setting(
+        "NOTIFY_SENDGRID_API_KEY", "SG.simulator.sendgrid-api-key", "SendGrid API key.", str, secret=True),
     "sendgrid_webhook_public_key": Setting(
         "NOTIFY_SENDGRID_WEBHOOK_PUBLIC_KEY",
         "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEVIT1977aq62V9SJUOOhKHnZipXbjJyhAjiBwirJbQjZ/32i4Nx8TdZNvfd3WYsZ5wur6gZVYyEHSLvUt/EbC9w==",
@@ -173,11 +175,12 @@ SETTINGS: dict[str, Setting] = {
     "mailgun_base_url": Setting(
         "NOTIFY_MAILGUN_BASE_URL", None,
         "Mailgun API base URL (https://api.mailgun.net); default: the simulator's /mailgun.", _url),
-    "mailgun_api_key": Setting("NOTIFY_MAILGUN_API_KEY", "simulator-mailgun-api-key", "Mailgun API key.", str),
+    "mailgun_api_key": Setting(
+        "NOTIFY_MAILGUN_API_KEY", "simulator-mailgun-api-key", "Mailgun API key.", str, secret=True),
     "mailgun_domain": Setting("NOTIFY_MAILGUN_DOMAIN", "mg.notify.example", "Mailgun sending domain.", str),
     "mailgun_webhook_signing_key": Setting(
         "NOTIFY_MAILGUN_WEBHOOK_SIGNING_KEY", "simulator-mailgun-signing-key",
-        "Mailgun HTTP webhook signing key (HMAC-SHA256 of timestamp + token).", str),
+        "Mailgun HTTP webhook signing key (HMAC-SHA256 of timestamp + token).", str, secret=True),
     "email_from": Setting(
         "NOTIFY_EMAIL_FROM", "Notify <alerts@notify.example>", "Sender of every email (SendGrid and Mailgun).", str),
 }

@@ -1,0 +1,262 @@
+"""The one connector interface: what to send (`Message`), what happened (`Outcome`), receipts and status queries.
+
+Every provider call ends in exactly one of four outcome kinds (ARCHITECTURE.md, "Delivery semantics"):
+
+- accepted: the provider took the message (2xx) and gave its id;
+- permanent: it refused the message for a reason a retry cannot fix (bad number, unsubscribed, bad request,
+  bad credentials); never retried on the same provider;
+- transient: nothing was sent and a retry or the fallback provider may succeed (5xx, 429 with Retry-After,
+  connection refused, connect timeout);
+- ambiguous: the request left, but no answer came back (read timeout, connection lost mid-answer). The provider may
+  have accepted it: the caller must not resend blindly but reconcile first (status query, receipts).
+
+The classification functions are pure (HTTP status, provider error body, exception) so they are unit-tested without
+a network; connectors only add the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+import aiohttp
+
+from pipeline.errors import NotifyError
+
+OutcomeKind = Literal["accepted", "permanent", "transient", "ambiguous"]
+# A short, provider-independent reason, for metrics and for the circuit breaker (auth and server_error are the
+# provider's fault, invalid_recipient and unsubscribed the recipient's).
+Reason = Literal[
+    "ok", "invalid_recipient", "unsubscribed", "bad_request", "auth", "rate_limited", "server_error",
+    "connection", "timeout", "connection_lost",
+]
+DeliveryState = Literal["delivered", "failed", "pending", "unknown"]
+# The ReceiptStatus enum of schemas/ProviderReceipt.avsc.
+ReceiptStatus = Literal[
+    "accepted", "sent", "deferred", "delivered", "failed", "opened", "clicked", "complained", "unsubscribed", "other",
+]
+Channel = Literal["sms", "email", "push"]
+
+
+class ProviderQueryError(NotifyError):
+    """A status query could not get an answer (transport error, 5xx, bad credentials): nothing is known."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message to one recipient on one channel; `body` (and `subject` for email) are already rendered."""
+
+    notification_id: str
+    channel: Channel
+    to: str  # E.164 phone number for SMS, email address for email
+    body: str
+    subject: str | None = None
+    template_id: str | None = None  # for the record and the provider's metadata; the body is what is sent
+    params: Mapping[str, str] = field(default_factory=dict)
+    collapse_key: str | None = None  # push only
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    provider: str
+    reason: Reason
+    provider_message_id: str | None = None  # set when accepted
+    error_code: str | None = None  # the provider's own code (Twilio 21211, HTTP status otherwise)
+    error_message: str | None = None
+    retry_after_s: float | None = None  # from a 429's Retry-After
+    latency_s: float = 0.0
+    raw: Mapping[str, Any] | None = None  # the provider's answer, small (error bodies, accepted JSON)
+
+    @property
+    def retryable(self) -> bool:
+        """Only transient outcomes may be retried without asking the provider first."""
+        return self.kind == "transient"
+
+
+@dataclass(frozen=True)
+class DeliveryStatus:
+    """What the provider's status API says about one message. `unknown`: the provider has no such message."""
+
+    state: DeliveryState
+    raw_status: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One delivery receipt from a webhook; maps onto the ProviderReceipt record."""
+
+    provider: str
+    provider_message_id: str
+    status: ReceiptStatus
+    raw_status: str
+    notification_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    occurred_at: datetime | None = None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def classify_status(provider: str, status: int, *, retry_after: str | None = None, error_code: str | None = None,
+                    error_message: str | None = None, raw: Mapping[str, Any] | None = None) -> Outcome:
+    """The provider-independent part: what an HTTP status alone says (used for non-2xx answers)."""
+    code = error_code or str(status)
+
+    def out(kind: OutcomeKind, reason: Reason, retry_after_s: float | None = None) -> Outcome:
+        return Outcome(kind, provider, reason, error_code=code, error_message=error_message,
+                       retry_after_s=retry_after_s, raw=raw)
+
+    if status == 429:
+        return out("transient", "rate_limited", parse_retry_after(retry_after))
+    if status >= 500 or status == 408:
+        # 408: the server gave up waiting for our request, so it did not take it.
+        return out("transient", "server_error", parse_retry_after(retry_after))
+    if status in (401, 403):
+        return out("permanent", "auth")
+    return out("permanent", "bad_request")
+
+
+def classify_exception(provider: str, exc: BaseException) -> Outcome:
+    """A transport failure: did the request leave? Connect failures are transient, the rest ambiguous."""
+    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError | aiohttp.InvalidURL):
+        # Refused, unreachable, DNS, TLS handshake, no connection within the connect timeout, or a base URL that is
+        # not one: nothing was sent.
+        return Outcome("transient", provider, "connection", error_code="connect", error_message=message)
+    if isinstance(exc, TimeoutError):
+        # Read timeout: the request (or part of it) left; the provider may have accepted the message.
+        return Outcome("ambiguous", provider, "timeout", error_code="timeout", error_message=message)
+    # Disconnected, reset or a broken answer after the request was written.
+    return Outcome("ambiguous", provider, "connection_lost", error_code="connection_lost", error_message=message)
+
+
+def accepted(provider: str, provider_message_id: str, raw: Mapping[str, Any] | None = None) -> Outcome:
+    return Outcome("accepted", provider, "ok", provider_message_id=provider_message_id, raw=raw)
+
+
+def small(payload: Any, limit: int = 2000) -> Mapping[str, Any] | None:
+    """A provider payload kept in an Outcome: dicts only, oversized ones cut down to a note."""
+    if not isinstance(payload, dict):
+        return None if payload in (None, "") else {"text": str(payload)[:limit]}
+    text = repr(payload)
+    return payload if len(text) <= limit else {"truncated": text[:limit]}
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class Connector(ABC):
+    """A provider connector. Subclasses implement `_send`, `_status`, `parse_receipt` and `verify_receipt`.
+
+    `send` never raises for provider or transport failures: it returns an Outcome. At most `max_concurrency`
+    calls (sends and status queries) are in flight at once; time waiting for a slot is not in `latency_s`.
+    """
+
+    name: ClassVar[str]
+    channel: ClassVar[Channel]
+
+    def __init__(self, *, timeout_s: float, connect_timeout_s: float, max_concurrency: int) -> None:
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = min(connect_timeout_s, timeout_s)
+        self.max_concurrency = max_concurrency
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
+
+    def session(self) -> aiohttp.ClientSession:
+        """The connector's HTTP session (created on first use, inside the running loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self.client_timeout,
+                connector=aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=self.max_concurrency),
+            )
+        return self._session
+
+    async def send(self, msg: Message) -> Outcome:
+        if msg.channel != self.channel:
+            raise ValueError(f"{self.name} sends {self.channel}, not {msg.channel}")
+        async with self._slots:
+            started = time.perf_counter()
+            try:
+                outcome = await self._send(msg)
+            except TRANSPORT_ERRORS as exc:
+                outcome = classify_exception(self.name, exc)
+            return replace(outcome, latency_s=time.perf_counter() - started)
+
+    async def status(self, provider_message_id: str) -> DeliveryStatus:
+        """The provider's view of one message; raises ProviderQueryError when it cannot be asked."""
+        async with self._slots:
+            try:
+                return await self._status(provider_message_id)
+            except TRANSPORT_ERRORS as exc:
+                raise ProviderQueryError(f"{self.name} status of {provider_message_id}: {exc!r}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> Connector:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def _send(self, msg: Message) -> Outcome: ...
+
+    @abstractmethod
+    async def _status(self, provider_message_id: str) -> DeliveryStatus: ...
+
+    @abstractmethod
+    def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
+        """Whether a webhook request really comes from the provider (its signature scheme)."""
+
+    @abstractmethod
+    def parse_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
+        """The receipts in one webhook request (check `verify_receipt` first); unknown shapes give []."""
+
+
+def check_query(what: str, status: int, payload: Any) -> None:
+    """A status-query answer that says nothing about the message (auth, throttling, 5xx): ProviderQueryError."""
+    if status in (401, 403, 429) or status >= 500:
+        raise ProviderQueryError(f"{what}: HTTP {status} {str(payload)[:200]}")
+
+
+def basic_auth(login: str, password: str) -> str:
+    """An Authorization header value for HTTP basic auth (aiohttp 3.14 deprecates its BasicAuth)."""
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header by case-insensitive name (webhook frameworks differ in how they hand headers over)."""
+    wanted = name.lower()
+    return next((value for key, value in headers.items() if key.lower() == wanted), None)

@@ -1,0 +1,106 @@
+"""What the provider modules of the simulator share: the app's state object, auth parsing, magic recipients,
+and the delivery-callback sender."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from connectors.simulator.state import LedgerEntry, SimulatorState
+from pipeline.config import Settings
+
+log = logging.getLogger("notify.simulator")
+
+E164 = re.compile(r"^\+[1-9]\d{7,14}$")
+EMAIL = re.compile(r"^[^@\s<>]+@[^@\s<>]+\.[A-Za-z]{2,}$")
+
+# Twilio's documented magic test numbers, answered the same way by every SMS provider of the simulator.
+MAGIC_INVALID = "+15005550001"  # Twilio 21211: not a valid phone number
+MAGIC_UNREACHABLE = "+15005550002"  # Twilio 21612: cannot route to this number
+MAGIC_NO_PERMISSION = "+15005550003"  # Twilio 21408: no permission for the region
+MAGIC_UNSUBSCRIBED = "+15005550004"  # Twilio 21610: the recipient replied STOP (Termii: DND at delivery)
+MAGIC_NOT_MOBILE = "+15005550009"  # Twilio 21614: not a mobile number
+# Email recipients on this domain are accepted, then bounce (hard bounce at delivery).
+BOUNCE_DOMAIN = "bounce.simulator.invalid"
+
+# Built per accepted message when its callback is due: (body, headers) for the callback URL.
+CallbackBuilder = Callable[[LedgerEntry, str], tuple[bytes, dict[str, str]]]
+
+
+@dataclass
+class Simulator:
+    settings: Settings
+    state: SimulatorState
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    session: aiohttp.ClientSession | None = None
+
+    def schedule_callback(self, entry: LedgerEntry, url: str | None, build: CallbackBuilder) -> None:
+        """POST the provider's delivery receipt to `url` once the message is delivered (nothing when url is None)."""
+        if not url:
+            return
+        entry.callback_url = url
+        task = asyncio.create_task(self._deliver(entry, url, build))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _deliver(self, entry: LedgerEntry, url: str, build: CallbackBuilder, attempts: int = 3) -> None:
+        # A little past deliver_at: the loop may wake a hair early, and the receipt must show the final status.
+        await asyncio.sleep(max(0.0, entry.deliver_at - time.time()) + 0.005)
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        for attempt in range(attempts):
+            body, headers = build(entry, url)  # signed when sent, as the providers do
+            record: dict[str, Any] = {"url": url, "at": time.time(), "attempt": attempt + 1}
+            try:
+                async with self.session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    record["status"] = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                record["error"] = f"{type(exc).__name__}: {exc}"
+            entry.callbacks.append(record)
+            if 200 <= record.get("status", 0) < 300:
+                return
+            await asyncio.sleep(0.2 * 2**attempt)
+        log.warning("%s callback for %s to %s failed %d times", entry.provider, entry.provider_message_id, url,
+                    attempts)
+
+    async def close(self) -> None:
+        self.state.stopping.set()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+
+SIM = web.AppKey("simulator", Simulator)
+
+
+def sim_of(request: web.Request) -> Simulator:
+    return request.app[SIM]
+
+
+def basic_auth(request: web.Request) -> tuple[str, str] | None:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Basic "):
+        return None
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user, password
+
+
+def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(payload), content_type="application/json", headers=headers)

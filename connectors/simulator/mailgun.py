@@ -1,0 +1,130 @@
+"""Mailgun under /mailgun (https://documentation.mailgun.com).
+
+POST /v3/{domain}/messages (basic auth api:<key>; form from, to, subject, text/html, v:<name> user variables)
+answers 200 {"id": "<...@domain>", "message": "Queued. Thank you."}; bad auth is 401 with the text "Forbidden",
+bad input 400 {"message": ...}, an unknown domain 404. GET /v3/{domain}/events?message-id=<id> lists the
+message's events (accepted, then delivered or failed). Webhooks POST JSON {"signature": {timestamp, token,
+signature}, "event-data": {...}} where signature = hex HMAC-SHA256(webhook signing key, timestamp + token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from email.utils import parseaddr
+from typing import Any
+
+from aiohttp import web
+
+from connectors.simulator.common import BOUNCE_DOMAIN, EMAIL, basic_auth, json_response, sim_of
+from connectors.simulator.state import LedgerEntry
+
+P = "mailgun"
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(status, {"message": message}, headers)
+
+
+def _denied(request: web.Request) -> web.Response | None:
+    sim = sim_of(request)
+    if basic_auth(request) != ("api", sim.settings.mailgun_api_key):
+        return web.Response(status=401, text="Forbidden", headers={"WWW-Authenticate": 'Basic realm="MG API"'})
+    if request.match_info["domain"] != sim.settings.mailgun_domain:
+        return error(404, f"Domain not found: {request.match_info['domain']}")
+    return None
+
+
+async def messages(request: web.Request) -> web.Response:
+    sim = sim_of(request)
+    fault = await sim.state.draw_fault(P)
+    if fault == "outage":
+        return error(503, "Service Unavailable")
+    if fault == "5xx":
+        return error(500, "Internal Server Error")
+    if fault == "429":
+        return error(429, "Too many requests", {"Retry-After": f"{sim.state.faults[P].retry_after_s:g}"})
+    if denied := _denied(request):
+        return denied
+    form = await request.post()
+    sender, to = str(form.get("from", "")), str(form.get("to", ""))
+    if not sender:
+        return error(400, "from parameter is missing")
+    if not to:
+        return error(400, "to parameter is missing")
+    address = parseaddr(to)[1]
+    if not EMAIL.match(address) or fault == "permanent":
+        return error(400, "to parameter is not a valid address. please check documentation")
+    if not form.get("subject"):
+        return error(400, "subject parameter is missing")
+    if not form.get("text") and not form.get("html") and not form.get("template"):
+        return error(400, "Need at least one of 'text', 'html' or 'template' parameters specified")
+    variables = {k[2:]: str(v) for k, v in form.items() if k.startswith("v:")}
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    message_id = f"{stamp}.{secrets.token_hex(8)}@{sim.settings.mailgun_domain}"
+    entry = sim.state.accept(P, message_id, notification_id=variables.get("notification_id"), to=address,
+                             sender=sender, body=str(form.get("text", "")), subject=str(form.get("subject")),
+                             fails=address.endswith("@" + BOUNCE_DOMAIN))
+    sim.schedule_callback(entry, sim.state.faults[P].webhook_url,
+                          lambda e, _url: webhook(e, variables, sim.settings.mailgun_webhook_signing_key))
+    if fault == "hang":
+        entry.hung = True
+        await sim.state.hang()
+    return json_response(200, {"id": f"<{message_id}>", "message": "Queued. Thank you."})
+
+
+def _event(entry: LedgerEntry, kind: str, variables: dict[str, str]) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "id": secrets.token_urlsafe(16), "event": kind, "recipient": entry.to,
+        "recipient-domain": entry.to.rpartition("@")[2], "log-level": "info",
+        "timestamp": entry.accepted_at if kind == "accepted" else entry.deliver_at,
+        "message": {"headers": {"message-id": entry.provider_message_id, "from": entry.sender, "to": entry.to,
+                                "subject": entry.subject}},
+        "user-variables": variables, "flags": {"is-authenticated": True, "is-test-mode": False},
+    }
+    if kind == "delivered":
+        event["delivery-status"] = {"code": 250, "message": "OK", "description": "", "attempt-no": 1}
+    elif kind == "failed":
+        event.update({"log-level": "error", "severity": "permanent", "reason": "bounce"})
+        event["delivery-status"] = {"code": 550, "message": "5.1.1 The email account that you tried to reach does "
+                                    "not exist.", "description": "", "attempt-no": 1}
+    return event
+
+
+def _events(entry: LedgerEntry, variables: dict[str, str]) -> list[dict[str, Any]]:
+    status = entry.status()
+    events = [_event(entry, "accepted", variables)]
+    if status != "accepted":
+        events.append(_event(entry, status, variables))
+    return events
+
+
+async def events(request: web.Request) -> web.Response:
+    sim = sim_of(request)
+    if await sim.state.draw_fault(P) == "outage":
+        return error(503, "Service Unavailable")
+    if denied := _denied(request):
+        return denied
+    wanted = request.query.get("message-id")
+    items = [event for e in sim.state.query(provider=P, provider_message_id=wanted)
+             for event in _events(e, {"notification_id": e.notification_id} if e.notification_id else {})]
+    base = f"{request.url.with_query(None)}"
+    return json_response(200, {"items": items, "paging": {"next": f"{base}/next", "previous": f"{base}/previous",
+                                                          "first": base, "last": base}})
+
+
+def webhook(entry: LedgerEntry, variables: dict[str, str], signing_key: str) -> tuple[bytes, dict[str, str]]:
+    timestamp, token = str(int(time.time())), secrets.token_hex(25)
+    signature = hmac.new(signing_key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
+    payload = {"signature": {"timestamp": timestamp, "token": token, "signature": signature},
+               "event-data": _event(entry, entry.status(), variables)}
+    return json.dumps(payload).encode(), {"Content-Type": "application/json"}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/mailgun/v3/{domain}/messages", messages)
+    app.router.add_get("/mailgun/v3/{domain}/events", events)
