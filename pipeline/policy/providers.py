@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-OutcomeKind = Literal["accepted", "permanent", "transient", "ambiguous"]
+from connectors.base import OutcomeKind  # the connectors' four outcome kinds, defined once
+
 BreakerState = Literal["closed", "open", "half_open"]
 
 DEFAULT_ORDER: Final[Mapping[str, tuple[str, ...]]] = {
