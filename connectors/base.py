@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import aiohttp
 
+from pipeline.config import Settings
 from pipeline.errors import NotifyError
 
 OutcomeKind = Literal["accepted", "permanent", "transient", "ambiguous"]
@@ -158,6 +160,23 @@ def classify_exception(provider: str, exc: BaseException) -> Outcome:
 
 def accepted(provider: str, provider_message_id: str, raw: Mapping[str, Any] | None = None) -> Outcome:
     return Outcome("accepted", provider, "ok", provider_message_id=provider_message_id, raw=raw)
+
+
+def json_object(body: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A provider's JSON answer as a dict; a non-JSON body becomes {"message": <its start>}, nothing becomes {}."""
+    if isinstance(body, Mapping):
+        return dict(body)
+    try:
+        data = json.loads(body or "")
+    except ValueError:
+        return {"message": (body or "")[:500]} if body else {}
+    return data if isinstance(data, dict) else {}
+
+
+def limits(settings: Settings) -> dict[str, Any]:
+    """The timeout and concurrency arguments every connector takes, from the one config module."""
+    return {"timeout_s": settings.provider_timeout_s, "connect_timeout_s": settings.provider_connect_timeout_s,
+            "max_concurrency": settings.provider_max_concurrency}
 
 
 def small(payload: Any, limit: int = 2000) -> Mapping[str, Any] | None:

@@ -28,6 +28,8 @@ from connectors.base import (
     check_query,
     classify_status,
     header,
+    json_object,
+    limits,
     small,
 )
 from pipeline.config import Settings
@@ -41,7 +43,7 @@ RECEIPTS: dict[str, ReceiptStatus] = {
 
 def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> Outcome:
     """A Mailgun answer to /messages as an Outcome (pure)."""
-    payload = _json(body)
+    payload = json_object(body)
     message = str(payload.get("message") or "") or None
     if 200 <= status < 300:
         message_id = str(payload.get("id") or "").strip().strip("<>")
@@ -63,16 +65,6 @@ def event_status(event: Mapping[str, Any]) -> ReceiptStatus:
     return RECEIPTS.get(kind, "other")
 
 
-def _json(body: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    if isinstance(body, Mapping):
-        return dict(body)
-    try:
-        data = json.loads(body or "")
-    except ValueError:
-        return {"message": (body or "")[:500]} if body else {}
-    return data if isinstance(data, dict) else {}
-
-
 class MailgunEmail(Connector):
     name = NAME
     channel = "email"
@@ -90,9 +82,7 @@ class MailgunEmail(Connector):
         kwargs: dict[str, Any] = {
             "base_url": settings.provider_base_url(NAME), "api_key": settings.mailgun_api_key,
             "domain": settings.mailgun_domain, "from_email": settings.email_from,
-            "webhook_signing_key": settings.mailgun_webhook_signing_key, "timeout_s": settings.provider_timeout_s,
-            "connect_timeout_s": settings.provider_connect_timeout_s,
-            "max_concurrency": settings.provider_max_concurrency,
+            "webhook_signing_key": settings.mailgun_webhook_signing_key, **limits(settings),
         }
         return cls(**{**kwargs, **overrides})
 
@@ -107,7 +97,7 @@ class MailgunEmail(Connector):
                                       headers=self.auth) as resp:
             status, text = resp.status, await resp.text()
         check_query(f"mailgun status of {provider_message_id}", status, text)
-        items = _json(text).get("items") if status == 200 else None
+        items = json_object(text).get("items") if status == 200 else None
         events = [e for e in items or [] if isinstance(e, dict)]
         if not events:
             return DeliveryStatus("unknown")
@@ -132,7 +122,7 @@ class MailgunEmail(Connector):
         return hmac.compare_digest(given, expected)
 
     def parse_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
-        event = _json(body.decode(errors="replace")).get("event-data")
+        event = json_object(body.decode(errors="replace")).get("event-data")
         if not isinstance(event, dict):
             return []
         message_id = str(((event.get("message") or {}).get("headers") or {}).get("message-id") or "").strip("<>")

@@ -43,6 +43,8 @@ from connectors.base import (
     check_query,
     classify_status,
     header,
+    json_object,
+    limits,
     small,
 )
 from pipeline.config import Settings
@@ -73,7 +75,7 @@ def build_mail(msg: Message, from_email: str) -> dict[str, Any]:
 def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> Outcome:
     """A SendGrid answer to mail/send as an Outcome (pure)."""
     headers = headers or {}
-    payload = _json(body)
+    payload = json_object(body)
     if 200 <= status < 300:
         message_id = header(headers, "X-Message-Id")
         if message_id:
@@ -94,16 +96,6 @@ def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping
     return classify_status(NAME, status, retry_after=retry_after, error_message=message, raw=small(payload))
 
 
-def _json(body: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    if isinstance(body, Mapping):
-        return dict(body)
-    try:
-        data = json.loads(body or "")
-    except ValueError:
-        return {"message": (body or "")[:500]} if body else {}
-    return data if isinstance(data, dict) else {}
-
-
 class SendGridEmail(Connector):
     name = NAME
     channel = "email"
@@ -121,8 +113,7 @@ class SendGridEmail(Connector):
         kwargs: dict[str, Any] = {
             "base_url": settings.provider_base_url(NAME), "api_key": settings.sendgrid_api_key,
             "from_email": settings.email_from, "webhook_public_key": settings.sendgrid_webhook_public_key,
-            "timeout_s": settings.provider_timeout_s, "connect_timeout_s": settings.provider_connect_timeout_s,
-            "max_concurrency": settings.provider_max_concurrency,
+            **limits(settings),
         }
         return cls(**{**kwargs, **overrides})
 
@@ -142,7 +133,7 @@ class SendGridEmail(Connector):
         check_query(f"sendgrid status of {provider_message_id}", status, text)
         if status == 404:
             return DeliveryStatus("unknown")
-        raw = str(_json(text).get("status", ""))
+        raw = str(json_object(text).get("status", ""))
         return DeliveryStatus(STATES.get(raw, "pending"), raw)
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:

@@ -30,6 +30,8 @@ from connectors.base import (
     check_query,
     classify_status,
     header,
+    json_object,
+    limits,
     small,
 )
 from pipeline.config import Settings
@@ -40,7 +42,7 @@ REFERENCE_HEADER = "X-Notify-Reference"
 
 def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> Outcome:
     """A Termii answer to /api/sms/send as an Outcome (pure)."""
-    payload = _json(body)
+    payload = json_object(body)
     headers = headers or {}
     message = str(payload.get("message") or "") or None
     if 200 <= status < 300:
@@ -74,16 +76,6 @@ def receipt_status(raw: str) -> ReceiptStatus:
     return "sent" if "sent" in raw.lower() else "other"
 
 
-def _json(body: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    if isinstance(body, Mapping):
-        return dict(body)
-    try:
-        data = json.loads(body or "")
-    except ValueError:
-        return {"message": (body or "")[:500]} if body else {}
-    return data if isinstance(data, dict) else {}
-
-
 class TermiiSms(Connector):
     name = NAME
     channel = "sms"
@@ -102,8 +94,7 @@ class TermiiSms(Connector):
         kwargs: dict[str, Any] = {
             "base_url": settings.provider_base_url(NAME), "api_key": settings.termii_api_key,
             "secret_key": settings.termii_secret_key, "sender_id": settings.termii_sender_id,
-            "timeout_s": settings.provider_timeout_s, "connect_timeout_s": settings.provider_connect_timeout_s,
-            "max_concurrency": settings.provider_max_concurrency,
+            **limits(settings),
         }
         return cls(**{**kwargs, **overrides})
 

@@ -15,7 +15,6 @@ is per asyncio task, so concurrent sends never see each other's answers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
@@ -41,6 +40,8 @@ from connectors.base import (
     basic_auth,
     classify_status,
     header,
+    json_object,
+    limits,
     small,
 )
 from pipeline.config import Settings
@@ -70,7 +71,7 @@ _last_answer: ContextVar[Response | None] = ContextVar("twilio_last_answer", def
 
 def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> Outcome:
     """A Twilio answer to "create message" as an Outcome (pure)."""
-    payload = _json(body)
+    payload = json_object(body)
     headers = headers or {}
     if 200 <= status < 300:
         sid = payload.get("sid")
@@ -88,16 +89,6 @@ def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping
     if code in TRANSIENT_CODES and outcome.kind == "permanent":
         return Outcome("transient", NAME, TRANSIENT_CODES[code], error_code=str(code), error_message=message)
     return outcome
-
-
-def _json(body: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    if isinstance(body, Mapping):
-        return dict(body)
-    try:
-        data = json.loads(body or "")
-    except ValueError:
-        return {"message": (body or "")[:500]} if body else {}
-    return data if isinstance(data, dict) else {}
 
 
 class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # the twilio SDK is untyped
@@ -143,9 +134,7 @@ class TwilioSms(Connector):
         kwargs: dict[str, Any] = {
             "base_url": settings.provider_base_url(NAME), "account_sid": settings.twilio_account_sid,
             "auth_token": settings.twilio_auth_token, "from_number": settings.twilio_from,
-            "status_callback_url": settings.webhook_url(NAME), "timeout_s": settings.provider_timeout_s,
-            "connect_timeout_s": settings.provider_connect_timeout_s,
-            "max_concurrency": settings.provider_max_concurrency,
+            "status_callback_url": settings.webhook_url(NAME), **limits(settings),
         }
         return cls(**{**kwargs, **overrides})
 
