@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline import kafka, serde, topics
 from pipeline.config import REPO_ROOT, Settings
@@ -215,18 +215,6 @@ class Arrival:
 Classify = Callable[[str, bytes], str | None]  # (physical topic, key) -> what the record counts as, or None
 
 
-def _watermark(consumer: Consumer, partition: TopicPartition) -> int:
-    """The partition's end offset; retried while a fresh partition has no leader yet."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return int(consumer.get_watermark_offsets(partition, timeout=10)[1])
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 class Collector:
     """Reads `physical_topics` from their current ends on, keeping the first arrival of each key per kind."""
 
@@ -238,7 +226,7 @@ class Collector:
         for topic in physical_topics:
             partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
             for p in partitions:
-                assignment.append(TopicPartition(topic, p, _watermark(self._consumer, TopicPartition(topic, p))))
+                assignment.append(TopicPartition(topic, p, kafka.end_offset(self._consumer, TopicPartition(topic, p))))
         self._consumer.assign(assignment)
 
     def count(self, kind: str) -> int:
@@ -564,20 +552,8 @@ def _backlog_result(collector: Collector, codec: serde.AvroSerde, otp_sender: Se
 
 def _delete_prefix(settings: Settings) -> None:
     """Delete the run's topics and the consumer groups its workers and readers left behind."""
-    admin = kafka.admin(settings)
-    prefix = settings.topic_prefix
-    names = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix)]
-    for future in (admin.delete_topics(names, operation_timeout=30).values() if names else []):
-        future.result(timeout=60)
-    listed = admin.list_consumer_groups(request_timeout=10).result(timeout=30)
-    groups = [g.group_id for g in listed.valid if g.group_id.startswith(prefix)]
-    kept = []
-    for group, future in (admin.delete_consumer_groups(groups, request_timeout=30).items() if groups else []):
-        try:
-            future.result(timeout=60)
-        except KafkaException as exc:  # e.g. still has members (a SIGKILLed worker): the broker expires it later
-            kept.append(f"{group} ({exc})")
-    _say(f"deleted {len(names)} topics and {len(groups) - len(kept)} consumer groups of {prefix}"
+    names, groups, kept = kafka.delete_prefixed(settings, groups=True)
+    _say(f"deleted {len(names)} topics and {len(groups)} consumer groups of {settings.topic_prefix}"
          + "".join(f"\n  ! could not delete group {k}" for k in kept))
 
 

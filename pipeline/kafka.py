@@ -6,9 +6,10 @@ and partitioning are set once.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
@@ -63,3 +64,39 @@ def cluster_ready(settings: Settings, timeout_s: float = 5.0) -> bool:
     except Exception:  # KafkaException on timeout; anything else means "not ready" just the same
         return False
     return bool(metadata.brokers)
+
+
+def end_offset(consumer: Consumer, partition: TopicPartition, timeout_s: float = 20.0) -> int:
+    """The partition's high watermark; retried while a freshly created partition has no leader yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(partition, timeout=10)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def delete_prefixed(settings: Settings, *, groups: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """Delete every topic (and with `groups`, every consumer group) named with `settings.topic_prefix`, which
+    must not be empty; (topics deleted, groups deleted, groups kept with why)."""
+    prefix = settings.topic_prefix
+    if not prefix:
+        raise ValueError("refusing to delete without a topic prefix")
+    client = admin(settings)
+    names = [n for n in client.list_topics(timeout=10).topics if n.startswith(prefix)]
+    for future in (client.delete_topics(names, operation_timeout=30).values() if names else []):
+        future.result(timeout=60)
+    deleted: list[str] = []
+    kept: list[str] = []
+    if groups:
+        listed = client.list_consumer_groups(request_timeout=10).result(timeout=30)
+        mine = [g.group_id for g in listed.valid if g.group_id.startswith(prefix)]
+        for group, future in (client.delete_consumer_groups(mine, request_timeout=30).items() if mine else []):
+            try:
+                future.result(timeout=60)
+                deleted.append(group)
+            except KafkaException as exc:  # e.g. still has members (a SIGKILLed worker): the broker expires it
+                kept.append(f"{group} ({exc})")
+    return names, deleted, kept

@@ -56,8 +56,4 @@ def applied(prefixed_settings: Settings) -> Iterator[Settings]:
     """topics/ applied under this test's own prefix; deleted afterwards so the broker stays small."""
     topics.apply(prefixed_settings)
     yield prefixed_settings
-    admin = kafka.admin(prefixed_settings)
-    mine = [name for name in admin.list_topics(timeout=10).topics if name.startswith(prefixed_settings.topic_prefix)]
-    if mine:
-        for future in admin.delete_topics(mine, operation_timeout=30).values():
-            future.result(timeout=30)
+    kafka.delete_prefixed(prefixed_settings)

@@ -20,28 +20,17 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline import db, kafka, serde, topics
 from pipeline.api import create_app
+from pipeline.bench import free_port_block
 from pipeline.client import NotificationProducer
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.worker import STAGES, metrics_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port_block(size: int = 16) -> int:
-    """A base port with `size` free ports above it (good enough on loopback for a test run)."""
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base: int = s.getsockname()[1]
-        if base + size < 65000:
-            return base
 
 
 class TopicReader:
@@ -226,23 +215,7 @@ def start_pipeline(settings: Settings, prefix: str, env: dict[str, str] | None =
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
-        admin = kafka.admin(mine)
-        names = [n for n in admin.list_topics(timeout=10).topics if n.startswith(prefix)]
-        if names:
-            for future in admin.delete_topics(names).values():
-                future.result()
-
-
-def high_watermark(consumer: Consumer, partition: TopicPartition) -> int:
-    """The partition's end offset; retried while a freshly created partition has no leader yet."""
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return int(consumer.get_watermark_offsets(partition, timeout=10)[1])
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+        kafka.delete_prefixed(mine)
 
 
 def lane_records(settings: Settings, lane: str) -> list[Any]:
@@ -251,7 +224,7 @@ def lane_records(settings: Settings, lane: str) -> list[Any]:
     consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        expected = sum(high_watermark(consumer, TopicPartition(topic, p)) for p in partitions)
+        expected = sum(kafka.end_offset(consumer, TopicPartition(topic, p)) for p in partitions)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         records: list[Any] = []
         deadline = time.monotonic() + 30
@@ -265,4 +238,5 @@ def lane_records(settings: Settings, lane: str) -> list[Any]:
         consumer.close()
 
 
-__all__ = ["STAGES", "Client", "Pipeline", "bearer", "lane_records", "read_topic", "serving", "start_pipeline"]
+__all__ = ["STAGES", "Client", "Pipeline", "bearer", "free_port_block", "lane_records", "read_topic", "serving",
+           "start_pipeline"]

@@ -321,20 +321,12 @@ def test_a_cluster_without_brokers_plans_nothing() -> None:
 
 # ------------------------------------------------------------------------------------------- the real broker
 
-def _delete_prefixed(settings: Settings) -> None:
-    client = kafka.admin(settings)
-    names = [n for n in client.list_topics(timeout=10).topics if n.startswith(settings.topic_prefix)]
-    if names:
-        for future in client.delete_topics(names, operation_timeout=30).values():
-            future.result(timeout=30)
-
-
 @pytest.fixture
 def isolated(prefixed_settings: Settings) -> Iterator[Settings]:
     """Settings with a prefix of this test's own; every topic under it is deleted afterwards."""
     assert prefixed_settings.topic_prefix
     yield prefixed_settings
-    _delete_prefixed(prefixed_settings)
+    kafka.delete_prefixed(prefixed_settings)
 
 
 def _describe(settings: Settings, name: str) -> tuple[int, dict[str, str]]:

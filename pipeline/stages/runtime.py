@@ -33,7 +33,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline import kafka, serde
+from pipeline import kafka, serde, topics
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.errors import DecodeError
@@ -172,15 +172,11 @@ class StageContext:
             "created_at": request.get("created_at"),
             "correlation_id": request.get("correlation_id"),
         }
-        from pipeline import topics  # late: topics imports nothing from here, but keep the module graph flat
-
         self.send(topics.DELIVERY_EVENTS, request["user_id"], self.codec.encode(serde.DELIVERY_EVENT, event))
         EVENTS.labels(self.stage, self.lane, status).inc()
 
     async def quarantine(self, record: Record, reason: str, detail: str) -> None:
         """The original bytes to `invalid`, with why and where from in headers."""
-        from pipeline import topics
-
         headers = {
             HEADER_REASON: reason.encode(),
             HEADER_DETAIL: detail[:2000].encode(errors="replace"),
