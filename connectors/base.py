@@ -63,6 +63,9 @@ class Message:
     template_id: str | None = None  # for the record and the provider's metadata; the body is what is sent
     params: Mapping[str, str] = field(default_factory=dict)
     collapse_key: str | None = None  # push only
+    # Shadow mode: send through the provider's test mode (Twilio test credentials, SendGrid sandbox, Mailgun
+    # o:testmode, FCM validate_only), which checks and answers like a real send but never reaches the user.
+    test_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ class Connector(ABC):
 
     name: ClassVar[str]
     channel: ClassVar[Channel]
+    supports_test_mode: ClassVar[bool] = False  # whether `Message.test_mode` sends can be made (shadow mode)
 
     def __init__(self, *, timeout_s: float, connect_timeout_s: float, max_concurrency: int) -> None:
         self.timeout_s = timeout_s
@@ -223,6 +227,8 @@ class Connector(ABC):
     async def send(self, msg: Message) -> Outcome:
         if msg.channel != self.channel:
             raise ValueError(f"{self.name} sends {self.channel}, not {msg.channel}")
+        if msg.test_mode and not self.supports_test_mode:
+            raise ValueError(f"{self.name} has no test mode: it cannot shadow traffic")
         async with self._slots:
             started = time.perf_counter()
             try:

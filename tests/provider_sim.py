@@ -65,6 +65,11 @@ class Env:
         assert data["count"] == len(data["entries"])
         return list(data["entries"])
 
+    async def test_sends(self, provider: str | None = None) -> list[dict[str, Any]]:
+        params = {} if provider is None else {"provider": provider}
+        async with self.http.get(f"{self.sim_url}/_admin/test-sends", params=params) as resp:
+            return list((await resp.json())["entries"])
+
     async def wait_hooks(self, count: int, timeout: float = 3.0) -> list[Hook]:
         deadline = time.monotonic() + timeout
         while len(self.hooks) < count and time.monotonic() < deadline:

@@ -4,6 +4,7 @@
 
 Admin (JSON):
     GET  /_admin/ledger?provider=&notification_id=&to=&provider_message_id=   accepted messages, oldest first
+    GET  /_admin/test-sends?provider=      messages accepted in a provider's test mode (shadow traffic)
     GET  /_admin/providers                 the fault settings of every provider
     POST /_admin/providers/{name}          change some fault settings (see connectors.simulator.state)
     POST /_admin/reset                     empty the ledger and counters, faults back to their defaults
@@ -43,6 +44,13 @@ async def count_answers(request: web.Request, handler: Handler) -> web.StreamRes
 async def ledger(request: web.Request) -> web.Response:
     filters = {key: request.query.get(key) for key in ("provider", "notification_id", "to", "provider_message_id")}
     entries = sim_of(request).state.query(**filters)
+    return json_response(200, {"count": len(entries), "entries": [e.public() for e in entries]})
+
+
+async def test_sends(request: web.Request) -> web.Response:
+    """Messages accepted in a provider's test mode (shadow traffic): answered, never delivered."""
+    provider = request.query.get("provider")
+    entries = [e for e in sim_of(request).state.test_sends if provider is None or e.provider == provider]
     return json_response(200, {"count": len(entries), "entries": [e.public() for e in entries]})
 
 
@@ -112,6 +120,7 @@ def create_simulator_app(settings: Settings, *, webhook_base_url: str | None = _
     for provider in (twilio, termii, sendgrid, mailgun):
         provider.add_routes(app)
     app.router.add_get("/_admin/ledger", ledger)
+    app.router.add_get("/_admin/test-sends", test_sends)
     app.router.add_get("/_admin/providers", providers)
     app.router.add_post("/_admin/providers/{name}", configure)
     app.router.add_post("/_admin/reset", reset)

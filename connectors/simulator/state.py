@@ -139,6 +139,7 @@ class SimulatorState:
                         for p in PROVIDERS}
         self.faults = dict(self.default)
         self.ledger: list[LedgerEntry] = []
+        self.test_sends: list[LedgerEntry] = []  # accepted in the provider's test mode: never delivered
         self.by_id: dict[tuple[str, str], LedgerEntry] = {}
         self.counters: Counter[tuple[str, str]] = Counter()
         self._window: dict[str, tuple[int, int]] = {}  # provider -> (second, requests in it)
@@ -148,6 +149,7 @@ class SimulatorState:
     def reset(self) -> None:
         self.faults = dict(self.default)
         self.ledger.clear()
+        self.test_sends.clear()
         self.by_id.clear()
         self.counters.clear()
         self._window.clear()
@@ -183,8 +185,12 @@ class SimulatorState:
         return "hang" if draw < cfg.accept_then_hang else None
 
     def accept(self, provider: str, provider_message_id: str, *, notification_id: str | None, to: str, sender: str,
-               body: str, subject: str | None = None, fails: bool = False) -> LedgerEntry:
-        """Record an accepted message; it fails delivery when `fails` (a magic recipient) or by undelivered_rate."""
+               body: str, subject: str | None = None, fails: bool = False, test_mode: bool = False) -> LedgerEntry:
+        """Record an accepted message; it fails delivery when `fails` (a magic recipient) or by undelivered_rate.
+
+        A test-mode send (shadow traffic) goes to `test_sends`, not the ledger: the provider checked and answered
+        it, but nobody receives it.
+        """
         cfg = self.faults[provider]
         now = time.time()
         failed = fails or self.rng.random() < cfg.undelivered_rate
@@ -193,6 +199,10 @@ class SimulatorState:
             notification_id=notification_id, to=to, sender=sender, body=body, subject=subject, accepted_at=now,
             deliver_at=now + cfg.delivery_delay_ms / 1000, final_status="failed" if failed else "delivered",
         )
+        if test_mode:
+            self.test_sends.append(entry)
+            self.count(provider, "test_accepted")
+            return entry
         self.ledger.append(entry)
         self.by_id[(provider, provider_message_id)] = entry
         self.count(provider, "accepted")
