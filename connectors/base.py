@@ -21,6 +21,7 @@ import base64
 import email.utils
 import json
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 import aiohttp
+import httpx
 
 from pipeline.config import Settings
 from pipeline.errors import NotifyError
@@ -161,6 +163,22 @@ def classify_exception(provider: str, exc: BaseException) -> Outcome:
     return Outcome("ambiguous", provider, "connection_lost", error_code="connection_lost", error_message=message)
 
 
+def classify_httpx_exception(provider: str, exc: httpx.HTTPError | httpx.InvalidURL) -> Outcome:
+    """The same question for httpx (the push connectors' HTTP/2 client): did the request leave?
+
+    Connect errors and timeouts, a full pool and a URL that cannot be requested mean nothing was sent: transient.
+    Read and write timeouts are ambiguous ("timeout"); anything else after the connection stood (reset, GOAWAY,
+    a broken answer) is ambiguous ("connection_lost").
+    """
+    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout | httpx.UnsupportedProtocol
+                  | httpx.InvalidURL):
+        return Outcome("transient", provider, "connection", error_code="connect", error_message=message)
+    if isinstance(exc, httpx.TimeoutException):
+        return Outcome("ambiguous", provider, "timeout", error_code="timeout", error_message=message)
+    return Outcome("ambiguous", provider, "connection_lost", error_code="connection_lost", error_message=message)
+
+
 def accepted(provider: str, provider_message_id: str, raw: Mapping[str, Any] | None = None) -> Outcome:
     return Outcome("accepted", provider, "ok", provider_message_id=provider_message_id, raw=raw)
 
@@ -174,6 +192,14 @@ def json_object(body: str | Mapping[str, Any] | None) -> dict[str, Any]:
     except ValueError:
         return {"message": (body or "")[:500]} if body else {}
     return data if isinstance(data, dict) else {}
+
+
+def collapse_id(msg: Message) -> str:
+    """A push notification's collapse id: `collapse_key or notification_id`, so a resend after an ambiguous outcome
+    replaces the first notification on the device. Kept within APNs' 64 bytes (apns-collapse-id; FCM passes it on
+    to APNs for iOS): longer keys become a UUIDv5 of themselves (32 hex characters)."""
+    key = msg.collapse_key or msg.notification_id
+    return key if len(key.encode()) <= 64 else uuid.uuid5(uuid.NAMESPACE_URL, key).hex
 
 
 def limits(settings: Settings) -> dict[str, Any]:

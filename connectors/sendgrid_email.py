@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sendgrid.helpers.eventwebhook import EventWebhook
-from sendgrid.helpers.mail import CustomArg, Mail
+from sendgrid.helpers.mail import CustomArg, Mail, MailSettings, SandBoxMode
 
 from connectors.base import (
     Connector,
@@ -68,6 +68,8 @@ def build_mail(msg: Message, from_email: str) -> dict[str, Any]:
         raise ValueError(f"{msg.to!r} is not an email address")
     mail = Mail(from_email=from_email, to_emails=msg.to, subject=msg.subject, plain_text_content=msg.body)
     mail.custom_arg = CustomArg("notification_id", msg.notification_id)
+    if msg.test_mode:  # sandbox mode: SendGrid validates and answers, and delivers nothing
+        mail.mail_settings = MailSettings(sandbox_mode=SandBoxMode(True))
     body: dict[str, Any] = mail.get()
     return body
 
@@ -99,6 +101,7 @@ def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping
 class SendGridEmail(Connector):
     name = NAME
     channel = "email"
+    supports_test_mode = True
 
     def __init__(self, *, base_url: str, api_key: str, from_email: str, webhook_public_key: str | None,
                  timeout_s: float, connect_timeout_s: float, max_concurrency: int) -> None:

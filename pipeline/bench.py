@@ -150,13 +150,15 @@ class Workers:
     log: IO[bytes]
 
     @classmethod
-    def start(cls, settings: Settings) -> Workers:
+    def start(cls, settings: Settings, stages: Sequence[str] = ("intake", "preferences", "routing"),
+              env: Mapping[str, str] | None = None) -> Workers:
         env = {**os.environ, "NOTIFY_TOPIC_PREFIX": settings.topic_prefix,
-               "NOTIFY_METRICS_PORT": str(settings.metrics_port)}
+               "NOTIFY_METRICS_PORT": str(settings.metrics_port), **(env or {})}
         log_path = settings.stack_dir / f"bench-{settings.topic_prefix.strip('.')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("wb")
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"], env=env, cwd=REPO_ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all", "--stages",
+                                    ",".join(stages)], env=env, cwd=REPO_ROOT,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return cls(process, log_path, log)
 

@@ -37,8 +37,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     rc = stack.up(settings)
     if rc != 0 or args.stack_only:
         return rc
+    children = []
+    simulated = [p for p in config.PROVIDERS if getattr(settings, f"{p}_base_url") is None]
+    if simulated:
+        # Providers without a configured base URL are served by the simulator, so the local job sends end to end.
+        children.append(subprocess.Popen([sys.executable, "-m", "pipeline", "simulator"]))
+        print(f"provider simulator on http://127.0.0.1:{settings.simulator_port} for {', '.join(simulated)}",
+              flush=True)
     workers = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"])
     api = subprocess.Popen([sys.executable, "-m", "pipeline", "api"])
+    children += [api, workers]
     print(f"\npipeline running: API on http://127.0.0.1:{settings.api_port} (OpenAPI at /openapi.json), "
           f"API metrics on :{settings.api_port}/metrics, worker metrics on :{settings.metrics_port + 1}.. "
           "\nCtrl-C stops the workers and the API (the stack keeps running: `notify stack down`).", flush=True)
@@ -47,10 +55,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    for child in (api, workers):
+    for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in (api, workers):
+    for child in children:
         try:
             child.wait(timeout=40)
         except subprocess.TimeoutExpired:
@@ -135,7 +143,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = config.settings()
     if args.all:
-        return worker.run_all(settings)
+        stages = worker.STAGES if args.stages is None else tuple(s.strip() for s in args.stages.split(","))
+        unknown = sorted(set(stages) - set(worker.STAGES))
+        if unknown:
+            raise SystemExit(f"notify worker: unknown stage(s) {unknown}; known: {', '.join(worker.STAGES)}")
+        return worker.run_all(settings, stages=stages)
     if not (args.stage and args.lane):
         raise SystemExit("notify worker: give --stage and --lane, or --all")
     return worker.run_stage(settings, args.stage, args.lane)
@@ -144,6 +156,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pipeline import bench
 
+    if args.action == "send":
+        from pipeline import bench_send
+
+        latencies = [float(x) for x in args.latencies.split(",")]
+        return bench_send.run_send_bench(config.settings(), count=args.tasks, latencies_ms=latencies,
+                                         concurrency=args.concurrency)
     return bench.run_intake_bench(config.settings(), requests=args.requests, backlog=args.backlog, otps=args.otps,
                                   skip_backlog=args.skip_backlog, keep_topics=args.keep_topics)
 
@@ -222,14 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_kafka)
 
     p = sub.add_parser("worker", help="run stage workers: one (--stage S --lane L) or all of them (--all)")
-    p.add_argument("--stage", choices=["intake", "preferences", "routing"])
+    p.add_argument("--stage", choices=["intake", "preferences", "routing", "sender"])
     p.add_argument("--lane", choices=["critical", "bulk"])
     p.add_argument("--all", action="store_true", help="every stage of both lanes, one process each")
+    p.add_argument("--stages", default=None,
+                   help="with --all: only these stages, comma-separated (default: intake,preferences,routing,sender)")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("bench", help="benchmark the stages on topics of their own: `notify bench intake` prints "
-                       "throughput, per-stage latency, CPU per notification and OTP latency behind a bulk backlog")
-    p.add_argument("action", choices=["intake"])
+                       "throughput, per-stage latency, CPU per notification and OTP latency behind a bulk backlog; "
+                       "`notify bench send` the sender's throughput, in-flight, provider and end-to-end latency "
+                       "against the simulator")
+    p.add_argument("action", choices=["intake", "send"])
+    p.add_argument("--tasks", type=int, default=4000, help="send: tasks per round")
+    p.add_argument("--latencies", default="50,200", help="send: provider latencies (ms) of the rounds")
+    p.add_argument("--concurrency", type=int, default=256, help="send: calls in flight per provider and worker")
     p.add_argument("--requests", type=int, default=20_000, help="notifications of the throughput phase")
     p.add_argument("--backlog", type=int, default=100_000, help="bulk requests queued before the OTPs")
     p.add_argument("--otps", type=int, default=200, help="OTPs sent (one every 50 ms) while the backlog drains")

@@ -77,6 +77,47 @@ def _topic_prefix(raw: str) -> str:
     return raw
 
 
+CHANNELS = ("sms", "email", "push")
+
+
+def _providers(raw: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in raw.split(",") if p.strip())
+    unknown = [p for p in names if p not in PROVIDERS]
+    if not names or unknown:
+        raise ValueError(f"{raw!r}: expected provider names from {list(PROVIDERS)}")
+    return names
+
+
+def _routing(raw: str) -> tuple[tuple[tuple[str, str], tuple[str, ...]], ...]:
+    """`sms.bulk=termii,twilio;sms.+234=termii` -> ((("sms", "+234"), (...)), (("sms", "bulk"), (...))).
+
+    Pairs rather than a dict: Settings stays hashable (cached per settings elsewhere)."""
+    table: dict[tuple[str, str], tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in raw.split(";"))):
+        key, sep, value = part.partition("=")
+        channel, dot, scope = key.strip().partition(".")
+        if not sep or not dot or channel not in CHANNELS or not (
+                scope in ("critical", "bulk") or (scope.startswith("+") and scope[1:].isdigit())):
+            raise ValueError(f"{part!r}: expected <channel>.<lane>=p1,p2 or <channel>.+<calling code>=p1,p2")
+        table[(channel, scope)] = _providers(value)
+    return tuple(sorted(table.items()))
+
+
+def _shadow(raw: str) -> tuple[tuple[str, tuple[str, float]], ...]:
+    """`sms=twilio:0.05` -> (("sms", ("twilio", 0.05)),) (pairs: Settings stays hashable)."""
+    out: dict[str, tuple[str, float]] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        channel, sep, value = part.partition("=")
+        provider, colon, share = value.partition(":")
+        if not sep or not colon or channel.strip() not in CHANNELS:
+            raise ValueError(f"{part!r}: expected <channel>=<provider>:<share>")
+        fraction = float(share)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"{part!r}: the share must be in (0, 1]")
+        out[channel.strip()] = (_providers(provider)[0], fraction)
+    return tuple(sorted(out.items()))
+
+
 # name -> Setting. Names are the Settings attributes.
 SETTINGS: dict[str, Setting] = {
     "stack_dir": Setting(
@@ -121,6 +162,42 @@ SETTINGS: dict[str, Setting] = {
     "ready_timeout_s": Setting(
         "NOTIFY_READY_TIMEOUT_S", "120", "How long `stack up` waits for each service to become ready.",
         _positive_int),
+    # Sender stage.
+    "sender_max_in_flight": Setting(
+        "NOTIFY_SENDER_MAX_IN_FLIGHT", "500",
+        "Sends in flight per sender worker (it consumes up to this many tasks at once; each provider is further "
+        "capped by NOTIFY_PROVIDER_MAX_CONCURRENCY).", _positive_int),
+    "sender_lease_s": Setting(
+        "NOTIFY_SENDER_LEASE_S", "60",
+        "Lease of a claimed delivery (queued -> sending). A row still `sending` past it had its worker die "
+        "mid-send: reconciliation resolves it, nothing re-sends it blindly.", _positive_int),
+    "sender_retry_delay_s": Setting(
+        "NOTIFY_SENDER_RETRY_DELAY_S", "30",
+        "Earliest retry of a delivery that failed transiently on every provider (a provider's Retry-After can "
+        "only make it later).", _positive_float),
+    "routing_overrides": Setting(
+        "NOTIFY_ROUTING", "",
+        "Provider order overrides, ';'-separated: `<channel>.<lane>=p1,p2` or `<channel>.+<calling code>=p1,p2`, "
+        "e.g. `sms.bulk=termii,twilio;sms.+234=termii,twilio`. Defaults: sms twilio,termii; email "
+        "sendgrid,mailgun; push fcm,apns.", lambda raw: _routing(raw)),
+    "breaker_failure_rate": Setting(
+        "NOTIFY_BREAKER_FAILURE_RATE", "0.5",
+        "A provider's circuit breaker opens when this share of its calls fail within the window ...",
+        _positive_float),
+    "breaker_min_calls": Setting(
+        "NOTIFY_BREAKER_MIN_CALLS", "20", "... over at least this many calls ...", _positive_int),
+    "breaker_window_s": Setting("NOTIFY_BREAKER_WINDOW_S", "30", "... in this rolling window (seconds).",
+                                _positive_int),
+    "breaker_open_s": Setting(
+        "NOTIFY_BREAKER_OPEN_S", "15", "How long an open breaker waits before one half-open probe.",
+        _positive_float),
+    "shadow": Setting(
+        "NOTIFY_SHADOW", "",
+        "Shadow mode, ','-separated `<channel>=<provider>:<share>`, e.g. `sms=twilio:0.05`: that share of the "
+        "channel's sends is mirrored to the provider in its test mode (never delivered) and its latency and "
+        "acceptance recorded as metrics. Providers with a test mode: sendgrid (sandbox), mailgun (o:testmode), "
+        "fcm (validate_only).",
+        lambda raw: _shadow(raw)),
     # Providers. Every base URL defaults to the provider simulator (`notify simulator`); credentials default to
     # fake test credentials that only the simulator accepts.
     "simulator_port": Setting(
@@ -181,11 +258,39 @@ SETTINGS: dict[str, Setting] = {
     "mailgun_webhook_signing_key": Setting(
         "NOTIFY_MAILGUN_WEBHOOK_SIGNING_KEY", "simulator-mailgun-signing-key",
         "Mailgun HTTP webhook signing key (HMAC-SHA256 of timestamp + token).", str, secret=True),
+    # Push: FCM through the firebase-admin SDK (HTTP v1), APNs directly over HTTP/2 with token (JWT) auth. The
+    # simulator's push credentials are test keys in connectors/simulator/keys/ that only the simulator accepts.
+    "fcm_base_url": Setting(
+        "NOTIFY_FCM_BASE_URL", None,
+        "FCM HTTP v1 API base URL (https://fcm.googleapis.com); default: the simulator's /fcm.", _url),
+    "fcm_project_id": Setting(
+        "NOTIFY_FCM_PROJECT_ID", "notify-simulator",
+        "Firebase project ID (the {project} of projects/{project}/messages:send).", str),
+    "fcm_credentials": Setting(
+        "NOTIFY_FCM_CREDENTIALS", None,
+        "Path of the Firebase service-account JSON; its key signs the OAuth2 token requests sent to its token_uri. "
+        "Unset: the simulator's test account (connectors/simulator/keys/fcm-service-account.json), its token "
+        "requests sent to <FCM base URL>/token (the simulator's /fcm/token).", Path),
+    "apns_base_url": Setting(
+        "NOTIFY_APNS_BASE_URL", None,
+        "APNs provider API base URL (https://api.push.apple.com; https://api.sandbox.push.apple.com for "
+        "development builds); default: the simulator's HTTP/2 port, NOTIFY_SIMULATOR_APNS_PORT.", _url),
+    "apns_key_id": Setting("NOTIFY_APNS_KEY_ID", "SIMKEY0001", "Key ID of the APNs auth key (the JWT's kid).", str),
+    "apns_team_id": Setting("NOTIFY_APNS_TEAM_ID", "SIMTEAM001", "Apple developer team ID (the JWT's iss).", str),
+    "apns_private_key": Setting(
+        "NOTIFY_APNS_PRIVATE_KEY", str(REPO_ROOT / "connectors" / "simulator" / "keys" / "AuthKey_SIMKEY0001.p8"),
+        "Path of the APNs auth key (.p8, ES256) that signs the provider tokens; default: the simulator's test key.",
+        Path),
+    "apns_topic": Setting("NOTIFY_APNS_TOPIC", "io.notify.app", "APNs topic: the iOS app's bundle ID.", str),
+    "simulator_apns_port": Setting(
+        "NOTIFY_SIMULATOR_APNS_PORT", "58091",
+        "Port of the simulator's APNs endpoint (127.0.0.1); APNs speaks only HTTP/2, so it has a port of its own.",
+        _port),
     "email_from": Setting(
         "NOTIFY_EMAIL_FROM", "Notify <alerts@notify.example>", "Sender of every email (SendGrid and Mailgun).", str),
 }
 
-PROVIDERS = ("twilio", "termii", "sendgrid", "mailgun")
+PROVIDERS = ("twilio", "termii", "sendgrid", "mailgun", "fcm", "apns")
 
 LOCAL_DB_USER = "notify"
 LOCAL_DB_PASSWORD = "notify"  # loopback-only development cluster; production sets DATABASE_URL
@@ -213,6 +318,15 @@ class Settings:
     api_port: int
     log_level: str
     ready_timeout_s: int
+    sender_max_in_flight: int
+    sender_lease_s: int
+    sender_retry_delay_s: float
+    routing_overrides: tuple[tuple[tuple[str, str], tuple[str, ...]], ...]
+    breaker_failure_rate: float
+    breaker_min_calls: int
+    breaker_window_s: int
+    breaker_open_s: float
+    shadow: tuple[tuple[str, tuple[str, float]], ...]
     simulator_port: int
     simulator_delivery_delay_ms: int
     webhook_base_url: str | None
@@ -234,6 +348,15 @@ class Settings:
     mailgun_api_key: str
     mailgun_domain: str
     mailgun_webhook_signing_key: str
+    fcm_base_url: str | None
+    fcm_project_id: str
+    fcm_credentials: Path | None
+    apns_base_url: str | None
+    apns_key_id: str
+    apns_team_id: str
+    apns_private_key: Path
+    apns_topic: str
+    simulator_apns_port: int
     email_from: str
     raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -265,11 +388,16 @@ class Settings:
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
 
     def provider_base_url(self, provider: str) -> str:
-        """Base URL of a provider's API: NOTIFY_<PROVIDER>_BASE_URL, else the simulator's /<provider>."""
+        """Base URL of a provider's API: NOTIFY_<PROVIDER>_BASE_URL, else the simulator's /<provider> (APNs: the
+        simulator's HTTP/2 port)."""
         if provider not in PROVIDERS:
             raise ValueError(f"unknown provider {provider!r}")
         given: str | None = getattr(self, f"{provider}_base_url")
-        return given or f"http://127.0.0.1:{self.simulator_port}/{provider}"
+        if given:
+            return given
+        if provider == "apns":  # HTTP/2 only: the simulator serves it on a port of its own, at the root
+            return f"http://127.0.0.1:{self.simulator_apns_port}"
+        return f"http://127.0.0.1:{self.simulator_port}/{provider}"
 
     def webhook_url(self, provider: str) -> str | None:
         """Where `provider` posts its delivery receipts (None: no callbacks)."""

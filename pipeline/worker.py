@@ -26,12 +26,12 @@ from prometheus_client import start_http_server
 from pipeline import kafka
 from pipeline.config import Settings
 from pipeline.domain import LANES, Lane
-from pipeline.stages import intake, preferences, routing
+from pipeline.stages import intake, preferences, routing, sender
 from pipeline.stages.runtime import Stage, StageContext, StageRunner
 
 log = logging.getLogger("notify.worker")
 
-STAGES: tuple[str, ...] = ("intake", "preferences", "routing")
+STAGES: tuple[str, ...] = ("intake", "preferences", "routing", "sender")
 SHUTDOWN_GRACE_S = 15.0
 
 
@@ -41,6 +41,7 @@ def _builders(settings: Settings) -> dict[str, Callable[[StageContext], Stage]]:
         "intake": lambda ctx: intake.build(ctx, window),
         "preferences": preferences.build,
         "routing": routing.build,
+        "sender": sender.build,
     }
 
 
@@ -91,9 +92,9 @@ def _spawn(stage: str, lane: Lane) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--stage", stage, "--lane", lane])
 
 
-def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES) -> int:
+def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[str, ...] = STAGES) -> int:
     """One child process per stage and lane, restarted when it dies; SIGTERM/SIGINT stop them all."""
-    children = {(stage, lane): _spawn(stage, lane) for lane in lanes for stage in STAGES}
+    children = {(stage, lane): _spawn(stage, lane) for lane in lanes for stage in stages}
     print(f"workers: {len(children)} processes (pids {' '.join(str(c.pid) for c in children.values())})", flush=True)
     stopping = threading.Event()
 

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -187,14 +187,17 @@ def read_topic(settings: Settings, logical_topic: str, timeout_s: float = 5.0) -
     return reader.snapshot()
 
 
-def start_pipeline(settings: Settings, prefix: str, env: dict[str, str] | None = None) -> Iterator[Pipeline]:
-    """Topics under `prefix`, every worker running (with `env` added to its environment); everything stopped and
-    deleted afterwards."""
+def start_pipeline(settings: Settings, prefix: str, env: dict[str, str] | None = None,
+                   stages: tuple[str, ...] = ("intake", "preferences", "routing"),
+                   ) -> Generator[Pipeline, None, None]:
+    """Topics under `prefix`, the workers of `stages` running (with `env` added to their environment); everything
+    stopped and deleted afterwards. Without the sender, deliveries stop at `queued`."""
     mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
     topics.apply(mine)
     env = {**os.environ, "NOTIFY_TOPIC_PREFIX": prefix, "NOTIFY_METRICS_PORT": str(mine.metrics_port), **(env or {})}
     log = open(mine.stack_dir / f"e2e-{prefix.strip('.')}.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all", "--stages", ",".join(stages)],
+                               env=env, cwd=REPO,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pipeline = Pipeline(settings=mine, process=process, events=TopicReader(mine, topics.DELIVERY_EVENTS))
     try:

@@ -1,4 +1,5 @@
-"""The provider simulator on a free port for tests, with a webhook receiver and settings pointing at both.
+"""The provider simulator on free ports for tests (HTTP/1.1 and APNs' HTTP/2), with a webhook receiver and settings
+pointing at them.
 
     async with simulated() as env:
         outcome = await env.connector("twilio").send(message("twilio", "n-1"))
@@ -22,12 +23,17 @@ from aiohttp.test_utils import TestServer
 from connectors.base import Channel, Connector, Message
 from connectors.factory import create_connector
 from connectors.simulator import create_simulator_app
+from connectors.simulator.apns import ApnsServer
+from connectors.simulator.common import SIM
 from pipeline import config
 from pipeline.config import Settings
 
 PROVIDERS = ["twilio", "termii", "sendgrid", "mailgun"]
-CHANNEL: dict[str, Channel] = {"twilio": "sms", "termii": "sms", "sendgrid": "email", "mailgun": "email"}
+CHANNEL: dict[str, Channel] = {"twilio": "sms", "termii": "sms", "sendgrid": "email", "mailgun": "email",
+                                "fcm": "push", "apns": "push"}
 GOOD_TO = {"sms": "+2348031234567", "email": "ada@example.com"}
+# Push recipients are per provider: an FCM registration token, an APNs device token (64 hex).
+PUSH_TO = {"fcm": "dGVzdC1kZXZpY2U6APA91bHsimulatorRegistrationToken-1", "apns": "a1b2c3d4" * 8}
 BAD_TO = {"twilio": "+15005550001", "termii": "12", "sendgrid": "ada@localhost", "mailgun": "ada@localhost"}
 WRONG_CREDENTIALS = {"twilio": {"auth_token": "wrong"}, "termii": {"api_key": "wrong"},
                      "sendgrid": {"api_key": "SG.wrong"}, "mailgun": {"api_key": "wrong"}}
@@ -95,17 +101,22 @@ async def simulated(*, webhooks: bool = True, timeout_s: str = "5") -> AsyncIter
         if webhooks:
             env_vars["NOTIFY_WEBHOOK_BASE_URL"] = str(hook_server.make_url("/hooks"))
         settings = config.load(env_vars)
-        async with TestServer(create_simulator_app(settings, seed=7), host="127.0.0.1") as sim:
+        app = create_simulator_app(settings, seed=7)
+        apns = ApnsServer(app[SIM])
+        async with TestServer(app, host="127.0.0.1") as sim:
             assert sim.port is not None
-            env = Env(dataclasses.replace(settings, simulator_port=sim.port), http, str(sim.make_url("")).rstrip("/"),
-                      hooks)
+            apns_port = await apns.start("127.0.0.1", 0)
+            env = Env(dataclasses.replace(settings, simulator_port=sim.port, simulator_apns_port=apns_port), http,
+                      str(sim.make_url("")).rstrip("/"), hooks)
             try:
                 yield env
             finally:
                 for made in env.connectors:
                     await made.close()
+                await apns.close()
 
 
 def message(provider: str, nid: str = "n-1", to: str | None = None) -> Message:
     channel = CHANNEL[provider]
-    return Message(nid, channel, to or GOOD_TO[channel], "Your code is 123456", subject="Your code")
+    return Message(nid, channel, to or PUSH_TO.get(provider) or GOOD_TO[channel], "Your code is 123456",
+                   subject="Your code")

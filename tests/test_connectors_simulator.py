@@ -241,10 +241,11 @@ async def test_admin_rejects_bad_faults_counts_answers_and_resets() -> None:
 
 
 async def test_run_simulator_serves_the_default_base_urls_until_cancelled() -> None:
-    with socket.socket() as sock:
+    with socket.socket() as sock, socket.socket() as apns_sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    settings = config.load({"NOTIFY_SIMULATOR_PORT": str(port)})
+        apns_sock.bind(("127.0.0.1", 0))
+        port, apns_port = sock.getsockname()[1], apns_sock.getsockname()[1]
+    settings = config.load({"NOTIFY_SIMULATOR_PORT": str(port), "NOTIFY_SIMULATOR_APNS_PORT": str(apns_port)})
     ready = asyncio.Event()
     server = asyncio.create_task(run_simulator(settings, ready=ready))
     await asyncio.wait_for(ready.wait(), 5)

@@ -1,4 +1,5 @@
-"""Provider simulator: Twilio, Termii, SendGrid and Mailgun wire APIs with programmable faults and a ledger.
+"""Provider simulator: Twilio, Termii, SendGrid, Mailgun, FCM and APNs wire APIs with programmable faults and a
+ledger.
 
 `notify simulator` calls `run_simulator_cli`; tests mount `create_simulator_app` on a free port.
 """

@@ -1,6 +1,11 @@
 """The provider simulator app: every provider under its path prefix, plus the admin API.
 
     /twilio/2010-04-01/...   /termii/api/...   /sendgrid/v3/...   /mailgun/v3/...
+    /fcm/token (Google OAuth2 for the service account)   /fcm/v1/projects/{project}/messages:send
+
+APNs speaks only HTTP/2, which aiohttp does not serve: `ApnsServer` (connectors.simulator.apns) answers
+POST /3/device/{token} on a port of its own (NOTIFY_SIMULATOR_APNS_PORT), sharing this app's state (ledger,
+faults, stats). `run_simulator` starts both; tests start both on free ports (tests/provider_sim.py).
 
 Admin (JSON):
     GET  /_admin/ledger?provider=&notification_id=&to=&provider_message_id=   accepted messages, oldest first
@@ -8,8 +13,11 @@ Admin (JSON):
     GET  /_admin/providers                 the fault settings of every provider
     POST /_admin/providers/{name}          change some fault settings (see connectors.simulator.state)
     POST /_admin/reset                     empty the ledger and counters, faults back to their defaults
-    GET  /_admin/stats                     answers per provider and HTTP status, plus accepted counts
+    GET  /_admin/stats                     answers per provider and HTTP status, plus accepted counts (FCM's
+                                           OAuth2 token answers as token_<status>)
     GET  /_admin/health
+    POST /_sink/{provider}                 a receipt sink (NOTIFY_WEBHOOK_BASE_URL=<simulator>/_sink) for runs
+                                           without a webhook receiver
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
-from connectors.simulator import mailgun, sendgrid, termii, twilio
+from connectors.simulator import fcm, mailgun, sendgrid, termii, twilio
+from connectors.simulator.apns import ApnsServer
 from connectors.simulator.common import SIM, Simulator, json_response, sim_of
 from connectors.simulator.state import PROVIDERS, FaultConfigError, SimulatorState
 from pipeline.config import Settings
@@ -37,7 +46,8 @@ async def count_answers(request: web.Request, handler: Handler) -> web.StreamRes
     response = await handler(request)
     provider = request.path.split("/", 2)[1]
     if provider in PROVIDERS:
-        sim_of(request).state.count(provider, str(response.status))
+        token = request.path == f"/{provider}/token"  # an OAuth2 token request, not a send
+        sim_of(request).state.count(provider, f"token_{response.status}" if token else str(response.status))
     return response
 
 
@@ -82,8 +92,16 @@ async def reset(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     out: dict[str, dict[str, int]] = {p: {} for p in PROVIDERS}
     for (provider, what), count in sorted(sim_of(request).state.counters.items()):
-        out[provider][what] = count
+        out.setdefault(provider, {})[what] = count  # "sink": receipts the sink took, per provider
     return json_response(200, out)
+
+
+async def sink(request: web.Request) -> web.Response:
+    """A receipt sink: runs without a webhook receiver (the sender's tests and benchmark) point receipts here, so
+    Twilio messages still carry their StatusCallback (our reference) and callbacks do not fail."""
+    await request.read()
+    sim_of(request).state.count("sink", request.match_info["provider"])
+    return web.Response(status=204)
 
 
 async def health(_request: web.Request) -> web.Response:
@@ -102,7 +120,9 @@ def create_simulator_app(settings: Settings, *, webhook_base_url: str | None = _
     base = settings.webhook_base_url if webhook_base_url is _UNSET else webhook_base_url
     state = SimulatorState(
         delivery_delay_ms=settings.simulator_delivery_delay_ms if delivery_delay_ms is None else delivery_delay_ms,
-        webhook_urls={p: f"{base.rstrip('/')}/{p}" if base else None for p in PROVIDERS if p != "twilio"},
+        # Twilio's receipts go to each message's StatusCallback; FCM and APNs have none.
+        webhook_urls={p: f"{base.rstrip('/')}/{p}" if base else None for p in PROVIDERS
+                      if p not in ("twilio", "fcm", "apns")},
         seed=seed, max_hang_s=max_hang_s,
     )
     app = web.Application(middlewares=[count_answers])
@@ -117,7 +137,7 @@ def create_simulator_app(settings: Settings, *, webhook_base_url: str | None = _
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(release_hung)
-    for provider in (twilio, termii, sendgrid, mailgun):
+    for provider in (twilio, termii, sendgrid, mailgun, fcm):
         provider.add_routes(app)
     app.router.add_get("/_admin/ledger", ledger)
     app.router.add_get("/_admin/test-sends", test_sends)
@@ -126,33 +146,40 @@ def create_simulator_app(settings: Settings, *, webhook_base_url: str | None = _
     app.router.add_post("/_admin/reset", reset)
     app.router.add_get("/_admin/stats", stats)
     app.router.add_get("/_admin/health", health)
+    app.router.add_post("/_sink/{provider}", sink)
     return app
 
 
 async def run_simulator(settings: Settings, host: str = "127.0.0.1", port: int | None = None,
-                        ready: asyncio.Event | None = None) -> None:
-    """Serve the simulator until cancelled."""
-    runner = web.AppRunner(create_simulator_app(settings), access_log=None, shutdown_timeout=2)
+                        ready: asyncio.Event | None = None, apns_port: int | None = None) -> None:
+    """Serve the simulator (HTTP/1.1 on `port`, APNs' HTTP/2 on `apns_port`) until cancelled."""
+    app = create_simulator_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+    apns = ApnsServer(app[SIM])
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, settings.simulator_port if port is None else port)
         await site.start()
+        await apns.start(host, settings.simulator_apns_port if apns_port is None else apns_port)
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()
     finally:
+        await apns.close()
         await runner.cleanup()
 
 
 def run_simulator_cli(settings: Settings, host: str = "127.0.0.1", port: int | None = None) -> int:
     """`notify simulator`: serve in the foreground until Ctrl-C; 0 on a clean stop, 1 when the port is taken."""
     port = settings.simulator_port if port is None else port
-    print(f"provider simulator on http://{host}:{port} (/twilio /termii /sendgrid /mailgun, admin /_admin/ledger); "
+    print(f"provider simulator on http://{host}:{port} (/twilio /termii /sendgrid /mailgun /fcm, admin "
+          f"/_admin/ledger), APNs (HTTP/2) on http://{host}:{settings.simulator_apns_port}; "
           f"receipts to {settings.webhook_base_url or 'nowhere (NOTIFY_WEBHOOK_BASE_URL unset)'}", flush=True)
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_simulator(settings, host, port))
     except OSError as exc:
-        print(f"simulator: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        print(f"simulator: cannot listen on {host}:{port} or :{settings.simulator_apns_port}: {exc}",
+              file=sys.stderr)
         return 1
     return 0

@@ -64,11 +64,14 @@ async def messages(request: web.Request) -> web.Response:
     if not form.get("text") and not form.get("html") and not form.get("template"):
         return error(400, "Need at least one of 'text', 'html' or 'template' parameters specified")
     variables = {k[2:]: str(v) for k, v in form.items() if k.startswith("v:")}
+    testmode = str(form.get("o:testmode", "")).lower() in ("yes", "true")
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     message_id = f"{stamp}.{secrets.token_hex(8)}@{sim.settings.mailgun_domain}"
     entry = sim.state.accept(P, message_id, notification_id=variables.get("notification_id"), to=address,
                              sender=sender, body=str(form.get("text", "")), subject=str(form.get("subject")),
-                             fails=address.endswith("@" + BOUNCE_DOMAIN))
+                             fails=address.endswith("@" + BOUNCE_DOMAIN), test_mode=testmode)
+    if testmode:  # o:testmode: accepted and answered as usual, never delivered, no webhooks
+        return json_response(200, {"id": f"<{message_id}>", "message": "Queued. Thank you."})
     sim.schedule_callback(entry, sim.state.faults[P].webhook_url,
                           lambda e, _url: webhook(e, variables, sim.settings.mailgun_webhook_signing_key))
     if fault == "hang":

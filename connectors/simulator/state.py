@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-PROVIDERS = ("twilio", "termii", "sendgrid", "mailgun")
+PROVIDERS = ("twilio", "termii", "sendgrid", "mailgun", "fcm", "apns")
 ERROR_KINDS = ("5xx", "429", "permanent")
 Fault = Literal["outage", "5xx", "429", "permanent", "hang"]
 
@@ -120,6 +120,7 @@ class LedgerEntry:
     hung: bool = False  # accepted, but the answer never came (accept_then_hang)
     callback_url: str | None = None
     callbacks: list[dict[str, Any]] = field(default_factory=list)  # each attempt: url, status or error, at
+    collapse_id: str | None = None  # push: the collapse key the provider received (FCM android, APNs header)
 
     def status(self, now: float | None = None) -> Literal["accepted", "delivered", "failed"]:
         return self.final_status if (now or time.time()) >= self.deliver_at else "accepted"
@@ -185,7 +186,8 @@ class SimulatorState:
         return "hang" if draw < cfg.accept_then_hang else None
 
     def accept(self, provider: str, provider_message_id: str, *, notification_id: str | None, to: str, sender: str,
-               body: str, subject: str | None = None, fails: bool = False, test_mode: bool = False) -> LedgerEntry:
+               body: str, subject: str | None = None, fails: bool = False, test_mode: bool = False,
+               collapse_id: str | None = None) -> LedgerEntry:
         """Record an accepted message; it fails delivery when `fails` (a magic recipient) or by undelivered_rate.
 
         A test-mode send (shadow traffic) goes to `test_sends`, not the ledger: the provider checked and answered
@@ -198,6 +200,7 @@ class SimulatorState:
             seq=len(self.ledger) + 1, provider=provider, provider_message_id=provider_message_id,
             notification_id=notification_id, to=to, sender=sender, body=body, subject=subject, accepted_at=now,
             deliver_at=now + cfg.delivery_delay_ms / 1000, final_status="failed" if failed else "delivered",
+            collapse_id=collapse_id,
         )
         if test_mode:
             self.test_sends.append(entry)

@@ -16,7 +16,7 @@ Pure functions over plain data; the sender stage reads breaker states and latenc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -52,6 +52,31 @@ class RoutingTable:
 DEFAULT_ROUTING: Final = RoutingTable(DEFAULT_ORDER, {}, {})
 
 
+def routing_table(overrides: Iterable[tuple[tuple[str, str], tuple[str, ...]]]) -> RoutingTable:
+    """The table from NOTIFY_ROUTING's parsed overrides: keys (channel, lane) or (channel, "+<calling code>")."""
+    pairs = list(overrides)
+    by_lane = {key: order for key, order in pairs if not key[1].startswith("+")}
+    by_country = {(channel, scope[1:]): order for (channel, scope), order in pairs if scope.startswith("+")}
+    return RoutingTable(DEFAULT_ORDER, by_lane, by_country)
+
+
+def is_apns_token(token: str) -> bool:
+    """An APNs device token (32 bytes as 64 hex digits); FCM registration tokens look nothing like it."""
+    return len(token) == 64 and all(c in "0123456789abcdefABCDEF" for c in token)
+
+
+def for_device(order: Sequence[str], platform: str, token: str) -> tuple[str, ...]:
+    """The push providers of `order` that can use this device's token.
+
+    A token names one provider's registration: an APNs device token is only good at APNs, an FCM registration
+    token (Android, web, or an iOS app registered with FCM) only at FCM. So a push to one device has one provider,
+    and "FCM then APNs" is the order between devices whose tokens allow either; it is never a fallback with the
+    same token (FCM would refuse an APNs token and vice versa).
+    """
+    wanted = "apns" if platform == "ios" and is_apns_token(token) else "fcm"
+    return tuple(p for p in order if p == wanted)
+
+
 def candidates(order: Sequence[str], breakers: Mapping[str, BreakerState],
                p95_latency_s: Mapping[str, float], remaining_s: float | None) -> list[str]:
     """Providers to try, best first. Never empty when `order` is not."""
@@ -70,11 +95,18 @@ class Next:
     reason: str = ""
 
 
-def after(outcome: OutcomeKind, tried: int, candidates_total: int) -> Next:
-    """The step after the `tried`-th candidate (1-based) answered `outcome`."""
+# Permanent refusals that are about our account at that provider, not about the recipient: another provider may
+# well take the message.
+PROVIDER_SIDE_PERMANENT: Final = frozenset({"auth"})
+
+
+def after(outcome: OutcomeKind, tried: int, candidates_total: int, reason: str = "") -> Next:
+    """The step after the `tried`-th candidate (1-based) answered `outcome` (with the connector's `reason`)."""
     if outcome == "accepted":
         return Next("record_accepted")
     if outcome == "permanent":
+        if reason in PROVIDER_SIDE_PERMANENT and tried < candidates_total:
+            return Next("try_next", f"permanent at this provider ({reason})")
         return Next("fail", "permanent")
     if outcome == "ambiguous":
         return Next("mark_unknown", "ambiguous: the provider may have accepted it")
@@ -116,3 +148,37 @@ def breaker_after_call(breaker: Breaker, succeeded: bool, now: float) -> Breaker
     if breaker.state != "half_open":
         return breaker
     return Breaker("closed") if succeeded else Breaker("open", now)
+
+
+def counts_against_provider(outcome: OutcomeKind, reason: str) -> bool:
+    """Whether an outcome is the provider's failure, for its breaker. A refused recipient is a healthy answer."""
+    return outcome in ("transient", "ambiguous") or reason in PROVIDER_SIDE_PERMANENT
+
+
+def p95(latencies_s: Sequence[float]) -> float:
+    """The 95th percentile (nearest rank) of recent latencies; 0.0 when there are none."""
+    if not latencies_s:
+        return 0.0
+    ordered = sorted(latencies_s)
+    return ordered[min(len(ordered) - 1, max(0, -(-95 * len(ordered) // 100) - 1))]
+
+
+def retry_delay_s(base_s: float, retry_after_s: Sequence[float | None]) -> float:
+    """When to retry after every provider failed transiently: the base delay, or later if a provider asked."""
+    return max([base_s, *(r for r in retry_after_s if r is not None)])
+
+
+DeliveryResult = Literal["accepted", "failed", "retry_scheduled", "unknown"]
+
+
+def combine(results: Sequence[DeliveryResult]) -> DeliveryResult:
+    """One delivery sent as several messages (push to each device): its state from theirs.
+
+    Accepted by any device's provider wins (the user got it); else an ambiguous one makes the whole unknown (it
+    may have arrived; reconciliation decides); else any transient one schedules a retry; else it failed.
+    """
+    order: tuple[DeliveryResult, ...] = ("accepted", "unknown", "retry_scheduled")
+    for result in order:
+        if result in results:
+            return result
+    return "failed"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
 import logging
 import time
@@ -64,6 +65,7 @@ HEADER_RELEASED = "notify-released"  # a held message coming back; its hold is n
 BATCH_SIZE = 500
 POLL_TIMEOUT_S = 0.2
 FLUSH_TIMEOUT_S = 30.0
+BATCH_RETRY_S = 120.0  # well under max.poll.interval.ms (300 s): the group must not think we died
 
 
 def utcnow() -> datetime.datetime:
@@ -206,6 +208,10 @@ class StageContext:
 
 
 Handler = Callable[[StageContext, Record], Awaitable[str]]
+# A stage that handles a whole batch at once (the sender: one claim query for the batch, every send in flight
+# together). It routes bad records itself (quarantine); what it raises is an infrastructure failure, and the runner
+# retries the batch (see StageRunner._handle_batch).
+BatchHandler = Callable[[StageContext, list[Record]], Awaitable[None]]
 
 
 async def guarded(ctx: StageContext, record: Record, handle: Handler) -> None:
@@ -349,6 +355,10 @@ class Stage:
     handlers: dict[str, Handler]  # logical input topic -> handler
     tables: list[Table] = field(default_factory=list)
     timers: list[Timer] = field(default_factory=list)
+    batch_handler: BatchHandler | None = None  # instead of per-record handlers, when set ...
+    inputs: list[str] = field(default_factory=list)  # ... reading these logical topics
+    batch_size: int = BATCH_SIZE
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run once when the runner ends
 
     def every(self, interval_s: float, name: str) -> Callable[[Callable[[], Awaitable[None]]],
                                                              Callable[[], Awaitable[None]]]:
@@ -369,7 +379,9 @@ class StageRunner:
             "max.poll.interval.ms": 300_000,
             "client.id": f"notify-{self.ctx.stage}-{self.ctx.lane}",
         })
-        self._topics = {self.ctx.settings.topic(name): name for name in stage.handlers}
+        self._topics = {self.ctx.settings.topic(name): name for name in [*stage.handlers, *stage.inputs]}
+        if stage.batch_handler is not None and stage.handlers:
+            raise ValueError("a stage has per-record handlers or a batch handler, not both")
         self.ready = asyncio.Event()
 
     # librdkafka calls these from inside consume(), on our consumer thread, between batches: nothing is in
@@ -396,6 +408,26 @@ class StageRunner:
         for record in records:
             await guarded(self.ctx, record, self.stage.handlers[self._topics[record.topic]])
 
+    async def _handle_batch(self, records: list[Record]) -> None:
+        """The batch handler, retried while it fails (a database or Redis outage) with growing pauses.
+
+        Nothing is committed meanwhile. If it still fails after BATCH_RETRY_S, or the worker is stopping, the error
+        propagates: the worker ends without committing and the batch is redelivered to whoever owns it next.
+        """
+        assert self.stage.batch_handler is not None
+        started = time.monotonic()
+        pause = 0.5
+        while True:
+            try:
+                await self.stage.batch_handler(self.ctx, records)
+                return
+            except Exception:
+                if self._stopping.is_set() or time.monotonic() - started > BATCH_RETRY_S:
+                    raise
+                log.exception("%s: batch of %d failed; retrying in %.1fs", self.ctx.group_id, len(records), pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+
     async def _run_due_timers(self) -> None:
         """Timers run between batches, on the loop: they never race a batch over tables or pending sends."""
         for timer in self.stage.timers:
@@ -421,7 +453,8 @@ class StageRunner:
                         self._on_assign, self._on_revoke, self._on_revoke)
         try:
             while not self._stopping.is_set():
-                messages: list[Message] = await on_thread(self._consumer.consume, BATCH_SIZE, POLL_TIMEOUT_S)
+                messages: list[Message] = await on_thread(self._consumer.consume, self.stage.batch_size,
+                                                          POLL_TIMEOUT_S)
                 for table in self.stage.tables:
                     await on_thread(table.catch_up)
                 await self._run_due_timers()
@@ -439,7 +472,10 @@ class StageRunner:
                     by_partition[(record.topic, record.partition)].append(record)
                     offsets[(record.topic, record.partition)] = record.offset + 1
                 STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane).observe(len(messages))
-                await asyncio.gather(*(self._handle_partition(rs) for rs in by_partition.values()))
+                if self.stage.batch_handler is not None:
+                    await self._handle_batch([r for rs in by_partition.values() for r in rs])
+                else:
+                    await asyncio.gather(*(self._handle_partition(rs) for rs in by_partition.values()))
                 await self.ctx.settle()  # everything the batch produced is acknowledged ...
                 if offsets:  # ... before its offsets are committed
                     await on_thread(self._commit, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
@@ -450,6 +486,9 @@ class StageRunner:
             finally:
                 await on_thread(self._close)
                 io.shutdown(wait=False)
+                for close in self.stage.closers:
+                    with contextlib.suppress(Exception):
+                        await close()
 
     def _commit(self, offsets: list[TopicPartition]) -> None:
         self._consumer.commit(offsets=offsets, asynchronous=False)

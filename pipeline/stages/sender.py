@@ -1,0 +1,428 @@
+"""The sender: send.<channel>.<lane> -> providers, with claim-before-send on the `deliveries` row.
+
+Per batch (up to NOTIFY_SENDER_MAX_IN_FLIGHT tasks, every channel of the lane):
+
+1. Decode (undecodable -> quarantine), drop tasks whose notification expired (row -> `expired`) and render each
+   task's content (an unknown template fails the row for good: a retry cannot fix it).
+2. Claim every task in one statement: `queued` (or a `retry_scheduled` row that is due) -> `sending` with a lease
+   and attempt_count + 1. A task whose row is not claimable (already sending, accepted, final: a redelivery, a
+   replay or a second worker after a rebalance) is skipped: nothing is sent twice.
+3. Send every claimed task at once, each through its provider list (pipeline/policy/providers.py): breakers (from
+   Redis, read once per batch) and the providers' recent p95 latency against the task's time to live pick the
+   candidates; a transient failure falls over to the next provider within the same attempt.
+4. Record: one statement moves every row to its outcome (`accepted` with the provider's id, `failed`,
+   `retry_scheduled` with its due time, `unknown` for an ambiguous answer, which reconciliation resolves and
+   nothing re-sends blindly), one statement appends every provider call to `notification_attempts`, one Redis
+   pipeline adds the calls to the breakers' windows, and an event goes out per transition.
+
+A crash between claim and record leaves rows `sending` under an expired lease: reconciliation asks the provider,
+the sender never re-sends them. The batch's offsets are committed only after all of this (StageRunner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import json
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg.types.json import Jsonb
+
+from connectors.base import Connector, Message, Outcome
+from connectors.factory import create_connector
+from pipeline import db, serde, topics
+from pipeline.breaker import BreakerBoard
+from pipeline.domain import CHANNELS
+from pipeline.policy import providers as policy
+from pipeline.policy.templates import Rendered, TemplateError, render
+from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
+
+log = logging.getLogger("notify.sender")
+
+PROVIDER_SECONDS = Histogram(
+    "notify_provider_request_seconds", "Provider call latency, by outcome.", ["provider", "channel", "outcome"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30))
+PROVIDER_OUTCOMES = Counter(
+    "notify_provider_outcomes_total", "Provider calls, by outcome and reason.",
+    ["provider", "channel", "outcome", "reason"])
+IN_FLIGHT = Gauge("notify_sender_in_flight", "Sends in flight in this worker.", ["lane"])
+PROVIDER_IN_FLIGHT = Gauge("notify_provider_in_flight", "Calls in flight to a provider in this worker.",
+                           ["provider"])
+DELIVERIES = Counter(
+    "notify_sender_deliveries_total", "Deliveries the sender settled, by resulting state.",
+    ["lane", "channel", "state"])
+SEND_LATENCY = Histogram(
+    "notify_send_latency_seconds", "From a notification's creation to a provider accepting it.",
+    ["lane", "channel", "type"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900))
+SKIPPED = Counter("notify_sender_skipped_total", "Tasks not sent because their row was not claimable.", ["lane"])
+SHADOW_SECONDS = Histogram(
+    "notify_shadow_request_seconds", "Latency of shadow (test-mode) calls to a candidate provider.",
+    ["provider", "channel"], buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10))
+SHADOW_OUTCOMES = Counter(
+    "notify_shadow_outcomes_total", "Shadow calls to a candidate provider, by outcome.",
+    ["provider", "channel", "outcome"])
+SHADOW_MAX_IN_FLIGHT = 100  # shadow traffic never competes for more than this
+
+CLAIM = """
+UPDATE deliveries d
+SET state = 'sending', attempt_count = d.attempt_count + 1, lease_owner = %(owner)s, claimed_at = now(),
+    lease_expires_at = now() + make_interval(secs => %(lease_s)s), next_attempt_at = NULL
+FROM unnest(%(ids)s::uuid[], %(channels)s::text[]) AS k(notification_id, channel)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel
+  AND (d.state = 'queued' OR (d.state = 'retry_scheduled' AND d.next_attempt_at <= now() + interval '1 second'))
+RETURNING d.notification_id::text, d.channel, d.attempt_count
+"""
+EXPIRE = """
+UPDATE deliveries d SET state = 'expired', last_error_code = 'expired', final_at = now(), next_attempt_at = NULL
+FROM unnest(%(ids)s::uuid[], %(channels)s::text[]) AS k(notification_id, channel)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.state IN ('queued', 'retry_scheduled')
+RETURNING d.notification_id::text, d.channel
+"""
+FAIL_UNSENDABLE = """
+UPDATE deliveries d SET state = 'failed', last_error_code = k.code, last_error_message = k.message,
+    final_at = now(), next_attempt_at = NULL
+FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(codes)s::text[], %(messages)s::text[])
+    AS k(notification_id, channel, code, message)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.state IN ('queued', 'retry_scheduled')
+RETURNING d.notification_id::text, d.channel
+"""
+# Only rows this worker still holds: if the lease expired and reconciliation took the row, its answer stands.
+RECORD = """
+UPDATE deliveries d
+SET state = k.state, provider = COALESCE(k.provider, d.provider), provider_message_id = k.provider_message_id,
+    last_error_code = k.code, last_error_message = k.message, next_attempt_at = k.next_attempt_at,
+    lease_owner = NULL, lease_expires_at = NULL,
+    accepted_at = CASE WHEN k.state = 'accepted' THEN now() ELSE d.accepted_at END,
+    final_at = CASE WHEN k.state = 'failed' THEN now() ELSE d.final_at END
+FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(states)s::text[], %(providers)s::text[],
+            %(provider_ids)s::text[], %(codes)s::text[], %(messages)s::text[], %(due)s::timestamptz[])
+    AS k(notification_id, channel, state, provider, provider_message_id, code, message, next_attempt_at)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel
+  AND d.state = 'sending' AND d.lease_owner = %(owner)s
+RETURNING d.notification_id::text, d.channel
+"""
+ATTEMPTS = """
+INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, response_status,
+    provider_message_id, error_code, error_payload, started_at, finished_at, latency_ms)
+SELECT * FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(attempt_nos)s::int[], %(providers)s::text[],
+    %(outcomes)s::text[], %(statuses)s::int[], %(provider_ids)s::text[], %(codes)s::text[], %(payloads)s::jsonb[],
+    %(started)s::timestamptz[], %(finished)s::timestamptz[], %(latencies)s::int[])
+"""
+
+
+@dataclass
+class Call:
+    """One provider call of an attempt (a fallback makes two)."""
+
+    outcome: Outcome
+    started_at: datetime.datetime
+    finished_at: datetime.datetime
+
+
+@dataclass
+class Job:
+    """One claimed delivery: its task, rendered content, attempt number, and what happened."""
+
+    task: dict[str, Any]
+    rendered: Rendered
+    attempt_no: int = 0
+    calls: list[Call] = field(default_factory=list)
+    state: policy.DeliveryResult = "unknown"
+    accepted_by: Outcome | None = None
+    last: Outcome | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return str(self.task["notification_id"]), str(self.task["channel"])
+
+
+def messages_of(task: Mapping[str, Any], rendered: Rendered) -> list[tuple[Message, str | None]]:
+    """The messages a task is sent as, each with its push platform: one for sms and email, one per push device."""
+    nid, channel = str(task["notification_id"]), task["channel"]
+    if channel != "push":
+        return [(Message(nid, channel, task.get("address") or "", rendered.body, subject=rendered.subject,
+                         template_id=task.get("template_id"), params=task.get("template_params") or {}), None)]
+    return [(Message(nid, "push", device["token"], rendered.body, subject=rendered.subject,
+                     template_id=task.get("template_id"), collapse_key=nid), device["platform"])
+            for device in task.get("device_tokens") or []]
+
+
+def response_status(outcome: Outcome) -> int | None:
+    """The HTTP status of the answer when the outcome carries one (error codes that are HTTP statuses)."""
+    if outcome.kind == "accepted":
+        return 200
+    code = outcome.error_code or ""
+    return int(code) if code.isdigit() and 100 <= int(code) < 600 else None
+
+
+class Sender:
+    def __init__(self, ctx: StageContext, board: BreakerBoard, *, connectors: Mapping[str, Connector] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.board = board
+        self.routing = policy.routing_table(ctx.settings.routing_overrides)
+        self.connectors: dict[str, Connector] = dict(connectors or {})
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.latencies: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=200))
+        self.rng = rng or random.Random()
+        self.shadow_tasks: set[asyncio.Task[None]] = set()
+        # provider calls per delivery of the batch in progress (push makes one call per device)
+        self._calls: dict[tuple[str, str], list[Call]] = collections.defaultdict(list)
+
+    def connector(self, provider: str) -> Connector:
+        if provider not in self.connectors:
+            self.connectors[provider] = create_connector(provider, self.settings)
+        return self.connectors[provider]
+
+    async def close(self) -> None:
+        if self.shadow_tasks:
+            await asyncio.wait(self.shadow_tasks, timeout=5)
+        for made in self.connectors.values():
+            await made.close()
+        await self.board.aclose()
+
+    # ---------------------------------------------------------------------------------------------- the batch
+
+    async def handle(self, ctx: StageContext, records: list[Record]) -> None:
+        now = utcnow()
+        tasks: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in records:
+            task = await ctx.decode_or_quarantine(record, serde.DELIVERY_TASK)
+            if task is not None:
+                tasks[(str(task["notification_id"]), task["channel"])] = task  # a batch may hold a task twice
+        expired = {k: t for k, t in tasks.items() if t.get("expires_at") is not None and t["expires_at"] <= now}
+        unsendable: dict[tuple[str, str], TemplateError] = {}
+        rendered: dict[tuple[str, str], Rendered] = {}
+        for key, task in tasks.items():
+            if key in expired:
+                continue
+            try:
+                rendered[key] = render(task)
+            except TemplateError as exc:
+                unsendable[key] = exc
+            if task["channel"] == "push" and not task.get("device_tokens"):
+                unsendable[key] = TemplateError("no_recipient", "a push task without device tokens")
+            if task["channel"] != "push" and not task.get("address"):
+                unsendable[key] = TemplateError("no_recipient", f"a {task['channel']} task without an address")
+        to_claim = [k for k in rendered if k not in unsendable]
+
+        pool = await db.async_pool(self.settings)
+        async with pool.connection() as conn:
+            gone = await self._settle_unsent(conn, tasks, expired, unsendable)
+            rows = await (await conn.execute(CLAIM, {
+                "owner": self.owner, "lease_s": self.settings.sender_lease_s,
+                "ids": [k[0] for k in to_claim], "channels": [k[1] for k in to_claim]})).fetchall()
+        jobs = [Job(tasks[(nid, ch)], rendered[(nid, ch)], attempt_no) for nid, ch, attempt_no in rows]
+        skipped = len(to_claim) - len(jobs)
+        if skipped:
+            SKIPPED.labels(ctx.lane).inc(skipped)
+        for job in jobs:
+            ctx.observe_queue_latency(job.task.get("created_at"))
+            await ctx.emit(job.task, "sending", channel=job.key[1], attempt=job.attempt_no)
+        if jobs:
+            breakers = await self.board.states({p for ch in CHANNELS for p in self.routing.default[ch]}
+                                               | {p for _, order in self.settings.routing_overrides
+                                                  for p in order})
+            probes = {p for p, state in breakers.items() if state == "half_open"}
+            IN_FLIGHT.labels(ctx.lane).inc(len(jobs))
+            try:
+                await asyncio.gather(*(self._deliver(job, breakers, probes) for job in jobs))
+            finally:
+                IN_FLIGHT.labels(ctx.lane).dec(len(jobs))
+            await self.board.release_probes(probes)  # tokens won but not used: another worker may probe
+            await self._record(jobs)
+        log.debug("batch: %d tasks, %d sent, %d skipped, %d unsendable/expired", len(tasks), len(jobs), skipped,
+                  gone)
+
+    async def _settle_unsent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
+                             expired: Iterable[tuple[str, str]],
+                             unsendable: Mapping[tuple[str, str], TemplateError]) -> int:
+        expired = list(expired)
+        done = 0
+        if expired:
+            rows = await (await conn.execute(EXPIRE, {"ids": [k[0] for k in expired],
+                                                      "channels": [k[1] for k in expired]})).fetchall()
+            for nid, channel in rows:
+                await self.ctx.emit(tasks[(nid, channel)], "expired", channel=channel, error_code="expired")
+                DELIVERIES.labels(self.ctx.lane, channel, "expired").inc()
+            done += len(rows)
+        if unsendable:
+            keys = list(unsendable)
+            rows = await (await conn.execute(FAIL_UNSENDABLE, {
+                "ids": [k[0] for k in keys], "channels": [k[1] for k in keys],
+                "codes": [unsendable[k].code for k in keys], "messages": [str(unsendable[k]) for k in keys],
+            })).fetchall()
+            for nid, channel in rows:
+                error = unsendable[(nid, channel)]
+                await self.ctx.emit(tasks[(nid, channel)], "failed", channel=channel, error_code=error.code,
+                                    error_message=str(error))
+                DELIVERIES.labels(self.ctx.lane, channel, "failed").inc()
+            done += len(rows)
+        return done
+
+    # ------------------------------------------------------------------------------------------- one delivery
+
+    async def _deliver(self, job: Job, breakers: dict[str, policy.BreakerState], probes: set[str]) -> None:
+        try:
+            results = [await self._send_one(job, message, platform, breakers, probes)
+                       for message, platform in messages_of(job.task, job.rendered)]
+            job.state = policy.combine(results)
+        except Exception as exc:  # our bug, not the provider's: the send may have happened, so never re-send
+            log.exception("sender failed on %s", job.key)
+            job.state = "unknown"
+            job.last = Outcome("ambiguous", job.last.provider if job.last else "none", "connection_lost",
+                               error_code="stage_error", error_message=f"{type(exc).__name__}: {exc}")
+
+    async def _send_one(self, job: Job, message: Message, platform: str | None,
+                        breakers: dict[str, policy.BreakerState], probes: set[str]) -> policy.DeliveryResult:
+        task = job.task
+        order = self.routing.order(task["channel"], task["lane"], message.to if task["channel"] == "sms" else None)
+        if platform is not None:
+            order = policy.for_device(order, platform, message.to)
+            if not order:
+                job.last = Outcome("permanent", "none", "invalid_recipient", error_code="no_provider",
+                                   error_message=f"no configured push provider takes this {platform} token")
+                return "failed"
+        remaining = None
+        if task.get("expires_at") is not None:
+            remaining = (task["expires_at"] - utcnow()).total_seconds()
+        # A half-open provider takes one probe per worker and batch; the other sends treat it as open.
+        seen = {p: ("open" if state == "half_open" and p not in probes else state) for p, state in breakers.items()}
+        chosen = policy.candidates(order, seen, {p: policy.p95(self.latencies[p]) for p in order}, remaining)
+        for tried, provider in enumerate(chosen, start=1):
+            probing = seen.get(provider) == "half_open"
+            if probing:
+                probes.discard(provider)
+            outcome = await self._call(provider, message)
+            job.last = outcome
+            if probing:
+                await self.board.probe_done(provider, not policy.counts_against_provider(outcome.kind,
+                                                                                         outcome.reason))
+            self._maybe_shadow(provider, message)
+            step = policy.after(outcome.kind, tried, len(chosen), outcome.reason)
+            if step.action == "record_accepted":
+                job.accepted_by = job.accepted_by or outcome
+                return "accepted"
+            if step.action == "fail":
+                return "failed"
+            if step.action == "mark_unknown":
+                return "unknown"
+            if step.action == "schedule_retry":
+                return "retry_scheduled"
+        return "retry_scheduled"  # unreachable: `after` ends the loop on the last candidate
+
+    async def _call(self, provider: str, message: Message) -> Outcome:
+        started = utcnow()
+        PROVIDER_IN_FLIGHT.labels(provider).inc()
+        try:
+            outcome = await self.connector(provider).send(message)
+        finally:
+            PROVIDER_IN_FLIGHT.labels(provider).dec()
+        self._current_job_calls(message).append(Call(outcome, started, utcnow()))
+        self.latencies[provider].append(outcome.latency_s)
+        PROVIDER_SECONDS.labels(provider, message.channel, outcome.kind).observe(outcome.latency_s)
+        PROVIDER_OUTCOMES.labels(provider, message.channel, outcome.kind, outcome.reason).inc()
+        return outcome
+
+    def _current_job_calls(self, message: Message) -> list[Call]:
+        return self._calls[(message.notification_id, message.channel)]
+
+    def _maybe_shadow(self, used: str, message: Message) -> None:
+        """Mirror a share of the channel's sends to the candidate provider in its test mode (never delivered)."""
+        plan = dict(self.settings.shadow).get(message.channel)
+        if plan is None or plan[0] == used or self.rng.random() >= plan[1]:
+            return
+        if len(self.shadow_tasks) >= SHADOW_MAX_IN_FLIGHT:
+            SHADOW_OUTCOMES.labels(plan[0], message.channel, "skipped").inc()
+            return
+        task = asyncio.create_task(self._shadow(plan[0], replace(message, test_mode=True)))
+        self.shadow_tasks.add(task)
+        task.add_done_callback(self.shadow_tasks.discard)
+
+    async def _shadow(self, provider: str, message: Message) -> None:
+        try:
+            outcome = await self.connector(provider).send(message)
+        except Exception as exc:  # a shadow call must never affect real traffic
+            log.warning("shadow call to %s failed: %r", provider, exc)
+            SHADOW_OUTCOMES.labels(provider, message.channel, "error").inc()
+            return
+        SHADOW_SECONDS.labels(provider, message.channel).observe(outcome.latency_s)
+        SHADOW_OUTCOMES.labels(provider, message.channel, outcome.kind).inc()
+
+    # ------------------------------------------------------------------------------------------- recording
+
+    async def _record(self, jobs: list[Job]) -> None:
+        now = utcnow()
+        for job in jobs:
+            job.calls = self._calls.pop(job.key, [])
+        states, provider_names, provider_ids, codes, messages, due = [], [], [], [], [], []
+        for job in jobs:
+            final = job.accepted_by if job.state == "accepted" else job.last
+            states.append(job.state)
+            provider_names.append(final.provider if final and final.provider != "none" else None)
+            provider_ids.append(job.accepted_by.provider_message_id if job.accepted_by else None)
+            codes.append(None if job.state == "accepted" or final is None else final.error_code or final.reason)
+            messages.append(None if job.state == "accepted" or final is None else (final.error_message or "")[:1000])
+            delay = policy.retry_delay_s(self.settings.sender_retry_delay_s,
+                                         [c.outcome.retry_after_s for c in job.calls])
+            due.append(now + datetime.timedelta(seconds=delay) if job.state == "retry_scheduled" else None)
+        calls = [(job, call) for job in jobs for call in job.calls]
+        pool = await db.async_pool(self.settings)
+        async with pool.connection() as conn, conn.transaction():
+            recorded = await (await conn.execute(RECORD, {
+                "owner": self.owner, "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs],
+                "states": states, "providers": provider_names, "provider_ids": provider_ids, "codes": codes,
+                "messages": messages, "due": due})).fetchall()
+            if calls:
+                await conn.execute(ATTEMPTS, {
+                    "ids": [j.key[0] for j, _ in calls], "channels": [j.key[1] for j, _ in calls],
+                    "attempt_nos": [j.attempt_no for j, _ in calls],
+                    "providers": [c.outcome.provider for _, c in calls],
+                    "outcomes": [c.outcome.kind for _, c in calls],
+                    "statuses": [response_status(c.outcome) for _, c in calls],
+                    "provider_ids": [c.outcome.provider_message_id for _, c in calls],
+                    "codes": [c.outcome.error_code for _, c in calls],
+                    "payloads": [Jsonb(json.loads(json.dumps(c.outcome.raw, default=str)))
+                                 if c.outcome.raw is not None else None for _, c in calls],
+                    "started": [c.started_at for _, c in calls], "finished": [c.finished_at for _, c in calls],
+                    "latencies": [round(c.outcome.latency_s * 1000) for _, c in calls]})
+        mine = {(nid, ch) for nid, ch in recorded}
+        counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        for _, call in calls:
+            counts[call.outcome.provider][0] += 1
+            counts[call.outcome.provider][1] += policy.counts_against_provider(call.outcome.kind, call.outcome.reason)
+        await self.board.record({p: (c, f) for p, (c, f) in counts.items()})
+        for job, state, code, message in zip(jobs, states, codes, messages, strict=True):
+            channel = job.key[1]
+            if job.key not in mine:
+                log.warning("%s: lease lost before the outcome %s was recorded; reconciliation decides", job.key,
+                            state)
+                continue
+            DELIVERIES.labels(self.ctx.lane, channel, state).inc()
+            provider = job.accepted_by.provider if job.accepted_by else (job.last.provider if job.last else None)
+            await self.ctx.emit(job.task, state, channel=channel, provider=provider, attempt=job.attempt_no,
+                                error_code=code, error_message=message)
+            if state == "accepted" and job.task.get("created_at") is not None:
+                SEND_LATENCY.labels(self.ctx.lane, channel, job.task["type"]).observe(
+                    max(0.0, (now - job.task["created_at"]).total_seconds()))
+
+
+def build(ctx: StageContext) -> Stage:
+    settings = ctx.settings
+    board = BreakerBoard.from_url(settings.redis_dsn, policy.BreakerPolicy(
+        failure_rate=settings.breaker_failure_rate, min_calls=settings.breaker_min_calls,
+        window_s=settings.breaker_window_s, open_s=settings.breaker_open_s), prefix=settings.topic_prefix)
+    sender = Sender(ctx, board)
+    return Stage(ctx, {}, batch_handler=sender.handle, batch_size=settings.sender_max_in_flight,
+                 closers=[sender.close], inputs=[topics.send_topic(ch, ctx.lane) for ch in CHANNELS])
