@@ -290,3 +290,18 @@ def test_a_request_goes_through_every_stage_to_the_providers_once(rig: Rig, sett
         assert sorted(e["provider"] for e in rig.ledger_of([nid])) == ["sendgrid", "twilio"]
         statuses = p.statuses(nid)
         assert statuses.count("sending") == 2 and statuses.count("duplicate") == 1
+
+
+def test_push_goes_to_each_device_through_the_provider_its_token_names_with_the_collapse_id(fresh: Rig) -> None:
+    android, iphone = "dXk3:APA91bH-device-one", "ab" * 32
+    both = make_task(notification_type="security", channel="push", to=None,
+                     device_tokens=[{"platform": "android", "token": android}, {"platform": "ios", "token": iphone}])
+    gone = make_task(notification_type="security", channel="push", to=None,
+                     device_tokens=[{"platform": "android", "token": "unregistered-device"}])
+    ids = fresh.run([both, gone])
+    rows = fresh.wait(ids, done=("accepted", "failed"))
+    assert rows == {both["notification_id"]: "accepted", gone["notification_id"]: "failed"}
+    sent = fresh.ledger_of(ids)
+    assert sorted((e["provider"], e["to"]) for e in sent) == [("apns", iphone), ("fcm", android)]
+    assert {e["collapse_id"] for e in sent} == {both["notification_id"]}
+    assert [(p, o) for _, _, p, o in fresh.attempts([gone["notification_id"]])] == [("fcm", "permanent")]
