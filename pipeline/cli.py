@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stack-only", action="store_true", help="bring the stack up and return")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("simulator", help="the provider simulator (Twilio, Termii, SendGrid, Mailgun wire APIs) on "
-                       "127.0.0.1:NOTIFY_SIMULATOR_PORT; programmable at /_admin")
+    p = sub.add_parser("simulator", help="the provider simulator (Twilio, Termii, SendGrid, Mailgun, FCM, APNs wire "
+                       "APIs) on 127.0.0.1:NOTIFY_SIMULATOR_PORT (APNs: NOTIFY_SIMULATOR_APNS_PORT); programmable at "
+                       "/_admin")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=_cmd_simulator)
