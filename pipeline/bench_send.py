@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from connectors.simulator.admin import admin_call
 from pipeline import config, db, kafka, serde, topics
 from pipeline.bench import Workers, free_port_block
 from pipeline.config import REPO_ROOT, Settings
@@ -153,11 +153,7 @@ class SimulatorProcess:
                 time.sleep(0.1)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return json.loads(resp.read())
+        return admin_call(self.port, method, path, body)
 
     def configure(self, provider: str, **faults: Any) -> dict[str, Any]:
         answer: dict[str, Any] = self.call("POST", f"/_admin/providers/{provider}", faults)

@@ -177,8 +177,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_simulator(args: argparse.Namespace) -> int:
     from connectors.simulator import run_simulator_cli
+    from connectors.simulator.admin import run_admin_cli
 
-    return run_simulator_cli(config.settings(), host=args.host, port=args.port)
+    settings = config.settings()
+    if args.action == "serve":
+        return run_simulator_cli(settings, host=args.host, port=args.port)
+    return run_admin_cli(args.port or settings.simulator_port, args.action, args.args, provider=args.provider)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulator", help="the provider simulator (Twilio, Termii, SendGrid, Mailgun, FCM, APNs wire "
                        "APIs) on 127.0.0.1:NOTIFY_SIMULATOR_PORT (APNs: NOTIFY_SIMULATOR_APNS_PORT); programmable at "
-                       "/_admin")
+                       "/_admin: `set PROVIDER key=value ...` (latency_ms, jitter_ms, error_rates, outage_s, "
+                       "rate_limit_per_s, accept_then_hang, ...), `show ledger|providers|stats|test-sends`, `reset`")
+    p.add_argument("action", nargs="?", default="serve", choices=["serve", "set", "show", "reset"])
+    p.add_argument("args", nargs="*", help="set: PROVIDER key=value ...; show: what to show")
+    p.add_argument("--provider", default=None, help="show ledger|test-sends: only this provider's messages")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=_cmd_simulator)

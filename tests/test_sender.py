@@ -11,8 +11,11 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -305,3 +308,20 @@ def test_push_goes_to_each_device_through_the_provider_its_token_names_with_the_
     assert sorted((e["provider"], e["to"]) for e in sent) == [("apns", iphone), ("fcm", android)]
     assert {e["collapse_id"] for e in sent} == {both["notification_id"]}
     assert [(p, o) for _, _, p, o in fresh.attempts([gone["notification_id"]])] == [("fcm", "permanent")]
+
+
+def test_the_cli_programs_the_simulator(fresh: Rig) -> None:
+    def notify(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "simulator", *args, "--port", str(fresh.sim.port)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **fresh.sim.env})
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    notify("set", "termii", "latency_ms=5", 'error_rates={"5xx": 0.25}', "outage_s=0")
+    shown = json.loads(notify("show", "providers"))
+    assert shown["termii"]["latency_ms"] == 5 and shown["termii"]["error_rates"] == {"5xx": 0.25}
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "simulator", "set", "termii", "latency_ms=-1",
+                          "--port", str(fresh.sim.port)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "latency_ms must be a number >= 0" in bad.stdout
+    notify("reset")
+    assert json.loads(notify("show", "providers"))["termii"]["error_rates"] == {}
