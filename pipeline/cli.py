@@ -153,6 +153,18 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return worker.run_stage(settings, args.stage, args.lane)
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline import replay
+
+    try:
+        replay.replay(config.settings(), args.group, args.topic, to_datetime=args.to_datetime,
+                      to_offset=args.to_offset, shift_by=args.shift_by, dry_run=args.dry_run)
+    except replay.ReplayError as exc:
+        print(f"notify replay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pipeline import bench
 
@@ -255,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None,
                    help="with --all: only these stages, comma-separated (default: intake,preferences,routing,sender)")
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("replay", help="reset a consumer group's offsets on a topic (its workers stopped) so the "
+                       "stage re-reads it; every stage is idempotent, so nothing is sent twice")
+    p.add_argument("--group", required=True, help="consumer group, e.g. notify-sender-critical")
+    p.add_argument("--topic", required=True, help="topic as named on the cluster, e.g. send.sms.critical")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-datetime", help="the first offset at or after this ISO 8601 time (no zone: UTC)")
+    where.add_argument("--to-offset", type=int, help="this offset in every partition (clamped to what is kept)")
+    where.add_argument("--shift-by", type=int, help="the committed offset plus N (negative: back)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("bench", help="benchmark the stages on topics of their own: `notify bench intake` prints "
                        "throughput, per-stage latency, CPU per notification and OTP latency behind a bulk backlog; "
