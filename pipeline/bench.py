@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -127,13 +128,25 @@ class Sender:
 
 
 def free_port_block(size: int = 16) -> int:
-    """A base port with `size` ports above it that are very likely free (loopback, for one run)."""
+    """A base port such that it and the `size` ports above it are free now (loopback, for one run).
+
+    Every port of the block is checked (workers bind base+1.., and a simulator or another run's block may sit
+    just above a free base), and blocks are drawn below Linux's ephemeral range (32768 and up by default), where
+    the kernel would otherwise hand our ports to outgoing connections between this check and the bind.
+    """
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base: int = s.getsockname()[1]
-        if base + size < 65000:
+        base = random.randrange(20_000, 32_000 - size)
+        if all(_port_free(port) for port in range(base, base + size + 1)):
             return base
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _stat_fields(pid: int) -> list[str]:
