@@ -196,7 +196,7 @@ def _percentiles(values: Sequence[float]) -> str:
             f"max {ordered[-1] * 1000:.0f} ms")
 
 
-def _in_flight(settings: Settings, ports: Sequence[int]) -> float:
+def _in_flight(ports: Sequence[int]) -> float:
     total = 0.0
     for port in ports:
         try:
@@ -226,7 +226,7 @@ def run_round(settings: Settings, sim: SimulatorProcess, workers: Workers, laten
     peak = 0.0
     deadline = started + max(120.0, count / 20)
     while time.monotonic() < deadline:
-        peak = max(peak, _in_flight(settings, ports))
+        peak = max(peak, _in_flight(ports))
         with db.connect(settings) as conn:
             row = conn.execute("SELECT count(*) FROM deliveries WHERE notification_id = ANY(%s) "
                                "AND state NOT IN ('queued', 'sending')", (ids,)).fetchone()

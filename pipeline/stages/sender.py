@@ -177,8 +177,10 @@ class Sender:
             lambda: collections.deque(maxlen=200))
         self.rng = rng or random.Random()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
-        # provider calls per delivery of the batch in progress (push makes one call per device)
-        self._calls: dict[tuple[str, str], list[Call]] = collections.defaultdict(list)
+        self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
+        # every provider a route can name: their breakers are read once per batch
+        self.providers = ({p for ch in CHANNELS for p in self.routing.default[ch]}
+                          | {p for _, order in ctx.settings.routing_overrides for p in order})
 
     def connector(self, provider: str) -> Connector:
         if provider not in self.connectors:
@@ -231,9 +233,7 @@ class Sender:
             ctx.observe_queue_latency(job.task.get("created_at"))
             await ctx.emit(job.task, "sending", channel=job.key[1], attempt=job.attempt_no)
         if jobs:
-            breakers = await self.board.states({p for ch in CHANNELS for p in self.routing.default[ch]}
-                                               | {p for _, order in self.settings.routing_overrides
-                                                  for p in order})
+            breakers = await self.board.states(self.providers)
             probes = {p for p, state in breakers.items() if state == "half_open"}
             IN_FLIGHT.labels(ctx.lane).inc(len(jobs))
             try:
@@ -304,7 +304,7 @@ class Sender:
             probing = seen.get(provider) == "half_open"
             if probing:
                 probes.discard(provider)
-            outcome = await self._call(provider, message)
+            outcome = await self._call(job, provider, message)
             job.last = outcome
             if probing:
                 await self.board.probe_done(provider, not policy.counts_against_provider(outcome.kind,
@@ -322,25 +322,22 @@ class Sender:
                 return "retry_scheduled"
         return "retry_scheduled"  # unreachable: `after` ends the loop on the last candidate
 
-    async def _call(self, provider: str, message: Message) -> Outcome:
+    async def _call(self, job: Job, provider: str, message: Message) -> Outcome:
         started = utcnow()
         PROVIDER_IN_FLIGHT.labels(provider).inc()
         try:
             outcome = await self.connector(provider).send(message)
         finally:
             PROVIDER_IN_FLIGHT.labels(provider).dec()
-        self._current_job_calls(message).append(Call(outcome, started, utcnow()))
+        job.calls.append(Call(outcome, started, utcnow()))
         self.latencies[provider].append(outcome.latency_s)
         PROVIDER_SECONDS.labels(provider, message.channel, outcome.kind).observe(outcome.latency_s)
         PROVIDER_OUTCOMES.labels(provider, message.channel, outcome.kind, outcome.reason).inc()
         return outcome
 
-    def _current_job_calls(self, message: Message) -> list[Call]:
-        return self._calls[(message.notification_id, message.channel)]
-
     def _maybe_shadow(self, used: str, message: Message) -> None:
         """Mirror a share of the channel's sends to the candidate provider in its test mode (never delivered)."""
-        plan = dict(self.settings.shadow).get(message.channel)
+        plan = self.shadow_plan.get(message.channel)
         if plan is None or plan[0] == used or self.rng.random() >= plan[1]:
             return
         if len(self.shadow_tasks) >= SHADOW_MAX_IN_FLIGHT:
@@ -364,8 +361,6 @@ class Sender:
 
     async def _record(self, jobs: list[Job]) -> None:
         now = utcnow()
-        for job in jobs:
-            job.calls = self._calls.pop(job.key, [])
         states, provider_names, provider_ids, codes, messages, due = [], [], [], [], [], []
         for job in jobs:
             final = job.accepted_by if job.state == "accepted" else job.last
