@@ -127,7 +127,7 @@ class Sender:
 # ------------------------------------------------------------------------------------------------ the workers
 
 
-def free_port_block(size: int = 16) -> int:
+def free_port_block(size: int = 1 + 2 * 7) -> int:  # the API, then every (stage, lane) of the worker
     """A base port such that it and the `size` ports above it are free now (loopback, for one run).
 
     Every port of the block is checked (workers bind base+1.., and a simulator or another run's block may sit

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pipeline import config
+from pipeline.domain import STAGES as _STAGES
 from pipeline.errors import NotifyError
 
 
@@ -143,10 +144,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = config.settings()
     if args.all:
-        stages = worker.STAGES if args.stages is None else tuple(s.strip() for s in args.stages.split(","))
-        unknown = sorted(set(stages) - set(worker.STAGES))
+        stages = _STAGES if args.stages is None else tuple(s.strip() for s in args.stages.split(","))
+        unknown = sorted(set(stages) - set(_STAGES))
         if unknown:
-            raise SystemExit(f"notify worker: unknown stage(s) {unknown}; known: {', '.join(worker.STAGES)}")
+            raise SystemExit(f"notify worker: unknown stage(s) {unknown}; known: {', '.join(_STAGES)}")
         return worker.run_all(settings, stages=stages)
     if not (args.stage and args.lane):
         raise SystemExit("notify worker: give --stage and --lane, or --all")
@@ -163,6 +164,27 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(f"notify replay: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from pipeline import dlq
+
+    return dlq.run_dlq_cli(config.settings(), args.action, args.filter, args.position, args.dry_run, args.json)
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from pipeline import reconcile
+
+    settings = config.settings()
+    if args.once:
+        print(json.dumps(asyncio.run(reconcile.reconcile_once(settings)).as_dict()))
+        return 0
+    from pipeline import worker
+
+    return worker.run_stage(settings, "reconcile", "critical")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -261,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_kafka)
 
     p = sub.add_parser("worker", help="run stage workers: one (--stage S --lane L) or all of them (--all)")
-    p.add_argument("--stage", choices=["intake", "preferences", "routing", "sender"])
+    p.add_argument("--stage", choices=list(_STAGES))
     p.add_argument("--lane", choices=["critical", "bulk"])
     p.add_argument("--all", action="store_true", help="every stage of both lanes, one process each")
     p.add_argument("--stages", default=None,
-                   help="with --all: only these stages, comma-separated (default: intake,preferences,routing,sender)")
+                   help=f"with --all: only these stages, comma-separated (default: {','.join(_STAGES)})")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("replay", help="reset a consumer group's offsets on a topic (its workers stopped) so the "
@@ -278,6 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--shift-by", type=int, help="the committed offset plus N (negative: back)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("dlq", help="the dead-letter queue: `list`, `show` one entry, `redrive` entries back to "
+                       "their send topic (once: a redriven delivery is queued again, a second redrive skips it)")
+    p.add_argument("action", choices=["list", "show", "redrive"])
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="only entries whose KEY is VALUE (reason, channel, lane, type, notification_id, provider, "
+                   "user_id); repeatable, all must match")
+    p.add_argument("--position", help="one entry, as PARTITION:OFFSET (from `list`)")
+    p.add_argument("--dry-run", action="store_true", help="redrive: say what would be redriven, change nothing")
+    p.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    p.set_defaults(func=_cmd_dlq)
+
+    p = sub.add_parser("reconcile", help="resolve deliveries stuck after their send (sending past the lease, "
+                       "unknown, accepted without a receipt, overdue retries) by asking the providers; `--once` runs "
+                       "one round and prints what it did, otherwise a round every NOTIFY_RECONCILE_INTERVAL_S "
+                       "(`notify worker --all` runs this loop too; an advisory lock elects one sweeper)")
+    p.add_argument("--once", action="store_true")
+    p.set_defaults(func=_cmd_reconcile)
 
     p = sub.add_parser("bench", help="benchmark the stages on topics of their own: `notify bench intake` prints "
                        "throughput, per-stage latency, CPU per notification and OTP latency behind a bulk backlog; "

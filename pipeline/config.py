@@ -10,6 +10,7 @@ Three variables switch a service from "started locally by `notify stack up`" to 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -118,6 +119,14 @@ def _shadow(raw: str) -> tuple[tuple[str, tuple[str, float]], ...]:
     return tuple(sorted(out.items()))
 
 
+def _delays(raw: str) -> tuple[float, ...]:
+    """`5,15,45` -> (5.0, 15.0, 45.0): one delay per retry tier, each longer than the one before."""
+    delays = tuple(_positive_float(part.strip()) for part in raw.split(",") if part.strip())
+    if not delays or any(b <= a for a, b in itertools.pairwise(delays)):
+        raise ValueError("expected positive delays in seconds, each longer than the one before, e.g. 30,120,600")
+    return delays
+
+
 # name -> Setting. Names are the Settings attributes.
 SETTINGS: dict[str, Setting] = {
     "stack_dir": Setting(
@@ -171,10 +180,34 @@ SETTINGS: dict[str, Setting] = {
         "NOTIFY_SENDER_LEASE_S", "60",
         "Lease of a claimed delivery (queued -> sending). A row still `sending` past it had its worker die "
         "mid-send: reconciliation resolves it, nothing re-sends it blindly.", _positive_int),
-    "sender_retry_delay_s": Setting(
-        "NOTIFY_SENDER_RETRY_DELAY_S", "30",
-        "Earliest retry of a delivery that failed transiently on every provider (a provider's Retry-After can "
-        "only make it later).", _positive_float),
+    # Retry tiers (topics retry.<lane>.<n>) and the dead-letter queue.
+    "retry_delays_critical": Setting(
+        "NOTIFY_RETRY_DELAYS_CRITICAL", "5,15,45",
+        "Delay of each critical-lane retry tier in seconds, one per retry.critical.<n> topic; short, because an OTP "
+        "expires in minutes (a retry that would come due after the notification expires is not scheduled: the "
+        "delivery is `expired`). After the last tier a transient failure goes to the DLQ.", _delays),
+    "retry_delays_bulk": Setting(
+        "NOTIFY_RETRY_DELAYS_BULK", "30,120,600",
+        "Delay of each bulk-lane retry tier in seconds, one per retry.bulk.<n> topic.", _delays),
+    # Reconciliation (`notify reconcile`, and a loop in `notify worker --all` on one elected worker).
+    "reconcile_interval_s": Setting(
+        "NOTIFY_RECONCILE_INTERVAL_S", "120", "How often the reconciler sweeps for stuck deliveries.",
+        _positive_float),
+    "reconcile_lease_grace_s": Setting(
+        "NOTIFY_RECONCILE_LEASE_GRACE_S", "30",
+        "A `sending` row is stuck once its lease expired this long ago (its worker died mid-send).",
+        _positive_float),
+    "reconcile_unknown_after_s": Setting(
+        "NOTIFY_RECONCILE_UNKNOWN_AFTER_S", "30",
+        "An `unknown` row (ambiguous provider answer) is looked up once it is this old: late provider records have "
+        "landed by then.", _positive_float),
+    "reconcile_receipt_timeout_s": Setting(
+        "NOTIFY_RECONCILE_RECEIPT_TIMEOUT_S", "900",
+        "An `accepted` row without a receipt for this long is looked up by its provider id.", _positive_float),
+    "reconcile_retry_overdue_s": Setting(
+        "NOTIFY_RECONCILE_RETRY_OVERDUE_S", "300",
+        "A `retry_scheduled` row this long past its due time lost its retry-tier record: it is re-injected.",
+        _positive_float),
     "routing_overrides": Setting(
         "NOTIFY_ROUTING", "",
         "Provider order overrides, ';'-separated: `<channel>.<lane>=p1,p2` or `<channel>.+<calling code>=p1,p2`, "
@@ -320,7 +353,13 @@ class Settings:
     ready_timeout_s: int
     sender_max_in_flight: int
     sender_lease_s: int
-    sender_retry_delay_s: float
+    retry_delays_critical: tuple[float, ...]
+    retry_delays_bulk: tuple[float, ...]
+    reconcile_interval_s: float
+    reconcile_lease_grace_s: float
+    reconcile_unknown_after_s: float
+    reconcile_receipt_timeout_s: float
+    reconcile_retry_overdue_s: float
     routing_overrides: tuple[tuple[tuple[str, str], tuple[str, ...]], ...]
     breaker_failure_rate: float
     breaker_min_calls: int
@@ -402,6 +441,10 @@ class Settings:
     def webhook_url(self, provider: str) -> str | None:
         """Where `provider` posts its delivery receipts (None: no callbacks)."""
         return f"{self.webhook_base_url}/{provider}" if self.webhook_base_url else None
+
+    def retry_delays(self, lane: str) -> tuple[float, ...]:
+        """The delay of each retry tier of `lane`, first tier first."""
+        return self.retry_delays_critical if lane == "critical" else self.retry_delays_bulk
 
     def topic(self, name: str) -> str:
         """The physical name of a topic declared in topics/."""

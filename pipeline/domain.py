@@ -17,6 +17,8 @@ NOTIFICATION_TYPES: Final[tuple[NotificationType, ...]] = (
     "otp", "transaction", "security", "price_alert", "portfolio", "marketing")
 LANES: Final[tuple[Lane, ...]] = ("critical", "bulk")
 CHANNELS: Final[tuple[Channel, ...]] = ("sms", "email", "push")
+# Worker stages, per lane except receipts and reconcile, which serve both lanes once (runtime.LANE_FREE_STAGES).
+STAGES: Final[tuple[str, ...]] = ("intake", "preferences", "routing", "sender", "retry", "receipts", "reconcile")
 
 # A million-message marketing burst must never sit in front of an OTP: each lane has its own topics and groups.
 LANE_OF_TYPE: Final[dict[NotificationType, Lane]] = {

@@ -20,29 +20,45 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import start_http_server
 
 from pipeline import kafka
 from pipeline.config import Settings
-from pipeline.domain import LANES, Lane
-from pipeline.stages import intake, preferences, routing, sender
-from pipeline.stages.runtime import Stage, StageContext, StageRunner
+from pipeline.domain import LANES, STAGES, Lane
+from pipeline.reconcile import Reconciler
+from pipeline.stages import intake, preferences, receipts, retry, routing, sender
+from pipeline.stages.runtime import LANE_FREE_STAGES, StageContext, StageRunner
 
 log = logging.getLogger("notify.worker")
 
-STAGES: tuple[str, ...] = ("intake", "preferences", "routing", "sender")
 SHUTDOWN_GRACE_S = 15.0
 
 
-def _builders(settings: Settings) -> dict[str, Callable[[StageContext], Stage]]:
+class Runnable(Protocol):
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _builders(settings: Settings) -> dict[str, Callable[[StageContext], Runnable]]:
     window = datetime.timedelta(seconds=settings.dedup_window_s)
     return {
-        "intake": lambda ctx: intake.build(ctx, window),
-        "preferences": preferences.build,
-        "routing": routing.build,
-        "sender": sender.build,
+        "intake": lambda ctx: StageRunner(intake.build(ctx, window)),
+        "preferences": lambda ctx: StageRunner(preferences.build(ctx)),
+        "routing": lambda ctx: StageRunner(routing.build(ctx)),
+        "sender": lambda ctx: StageRunner(sender.build(ctx)),
+        "retry": retry.TierReleaser,  # pauses and resumes partitions: a consumer loop of its own
+        "receipts": lambda ctx: StageRunner(receipts.build(ctx)),
+        "reconcile": Reconciler,  # a timed sweep, elected by a PostgreSQL advisory lock
     }
+
+
+def processes(lanes: tuple[Lane, ...], stages: tuple[str, ...]) -> list[tuple[str, Lane]]:
+    """The (stage, lane) processes `--all` runs: each stage per lane; a lane-free stage once."""
+    return [(stage, lane) for lane in lanes for stage in stages
+            if stage not in LANE_FREE_STAGES or lane == lanes[0]]
 
 
 def metrics_port(settings: Settings, stage: str, lane: Lane) -> int:
@@ -61,7 +77,7 @@ def _exit_after_grace() -> None:
     timer.start()
 
 
-async def _serve(runner: StageRunner) -> None:
+async def _serve(runner: Runnable) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -79,7 +95,7 @@ def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
     logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
                         "%(message)s")
     ctx = StageContext(settings=settings, stage=stage, lane=lane, producer=kafka.producer(settings))
-    runner = StageRunner(_builders(settings)[stage](ctx))
+    runner = _builders(settings)[stage](ctx)
     port = metrics_port(settings, stage, lane)
     start_http_server(port, addr="127.0.0.1")
     print(f"worker {stage}/{lane}: consumer group {ctx.group_id}, metrics on http://127.0.0.1:{port}/metrics",
@@ -94,7 +110,7 @@ def _spawn(stage: str, lane: Lane) -> subprocess.Popen[bytes]:
 
 def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[str, ...] = STAGES) -> int:
     """One child process per stage and lane, restarted when it dies; SIGTERM/SIGINT stop them all."""
-    children = {(stage, lane): _spawn(stage, lane) for lane in lanes for stage in stages}
+    children = {(stage, lane): _spawn(stage, lane) for stage, lane in processes(lanes, stages)}
     print(f"workers: {len(children)} processes (pids {' '.join(str(c.pid) for c in children.values())})", flush=True)
     stopping = threading.Event()
 

@@ -28,7 +28,8 @@ from pipeline.bench import free_port_block
 from pipeline.client import NotificationProducer
 from pipeline.config import Settings
 from pipeline.domain import Lane
-from pipeline.worker import STAGES, metrics_port
+from pipeline.domain import STAGES
+from pipeline.worker import metrics_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,8 +23,8 @@ RATE_LIMIT_DEGRADED = Counter(
 REDIS_OUTAGE_HOLD = datetime.timedelta(seconds=30)
 
 UPSERT_QUEUED = """
-INSERT INTO deliveries (notification_id, channel, state)
-VALUES (%s, %s, 'queued')
+INSERT INTO deliveries (notification_id, channel, state, task)
+VALUES (%s, %s, 'queued', %s)
 ON CONFLICT (notification_id, channel) DO UPDATE SET state = deliveries.state
 RETURNING state, (xmax = 0) AS inserted
 """
@@ -73,7 +73,7 @@ def build(ctx: StageContext) -> Stage:
 
         pool = await db.async_pool(ctx.settings)
         async with pool.connection() as conn:
-            row = await (await conn.execute(UPSERT_QUEUED, (notification_id, channel))).fetchone()
+            row = await (await conn.execute(UPSERT_QUEUED, (notification_id, channel, record.value))).fetchone()
         assert row is not None
         state, inserted = row
         if not inserted and state != "queued":

@@ -63,6 +63,9 @@ HEADER_SOURCE = "notify-source"  # topic/partition/offset the quarantined bytes 
 HEADER_RELEASED = "notify-released"  # a held message coming back; its hold is not applied again
 
 BATCH_SIZE = 500
+# Stages that serve both lanes from one consumer group (the receipts topic and the deliveries table are shared);
+# they run once, in the critical lane's process slot.
+LANE_FREE_STAGES = frozenset({"receipts", "reconcile"})
 POLL_TIMEOUT_S = 0.2
 FLUSH_TIMEOUT_S = 30.0
 BATCH_RETRY_S = 120.0  # well under max.poll.interval.ms (300 s): the group must not think we died
@@ -114,6 +117,8 @@ class StageContext:
 
     @property
     def group_id(self) -> str:
+        if self.stage in LANE_FREE_STAGES:
+            return f"{self.settings.topic_prefix}notify-{self.stage}"
         return f"{self.settings.topic_prefix}notify-{self.stage}-{self.lane}"
 
     def send(self, logical_name: str, key: str | bytes | None, value: bytes | None,
@@ -155,14 +160,15 @@ class StageContext:
 
     async def emit(self, request: Mapping[str, Any], status: str, *, channel: str | None = None,
                    provider: str | None = None, attempt: int = 0, error_code: str | None = None,
-                   error_message: str | None = None) -> None:
-        """One DeliveryEvent on delivery-events for a state change of `request` (a request or a task)."""
+                   error_message: str | None = None, lane: str | None = None) -> None:
+        """One DeliveryEvent on delivery-events for a state change of `request` (a request or a task); `lane`
+        for stages that serve both lanes (default: this stage's)."""
         event = {
             "event_id": str(uuid.uuid4()),
             "notification_id": str(request["notification_id"]),
             "user_id": request["user_id"],
             "notification_type": request["type"],
-            "lane": self.lane,
+            "lane": lane or self.lane,
             "channel": channel,
             "provider": provider,
             "status": status,
@@ -175,7 +181,7 @@ class StageContext:
             "correlation_id": request.get("correlation_id"),
         }
         self.send(topics.DELIVERY_EVENTS, request["user_id"], self.codec.encode(serde.DELIVERY_EVENT, event))
-        EVENTS.labels(self.stage, self.lane, status).inc()
+        EVENTS.labels(self.stage, lane or self.lane, status).inc()
 
     async def quarantine(self, record: Record, reason: str, detail: str) -> None:
         """The original bytes to `invalid`, with why and where from in headers."""

@@ -42,8 +42,11 @@ from connectors.factory import create_connector
 from pipeline import db, serde, topics
 from pipeline.breaker import BreakerBoard
 from pipeline.domain import CHANNELS
+from pipeline.errors import ConfigError
 from pipeline.policy import providers as policy
+from pipeline.policy import recovery
 from pipeline.policy.templates import Rendered, TemplateError, render
+from pipeline.stages import retry
 from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
 
 log = logging.getLogger("notify.sender")
@@ -79,7 +82,7 @@ SET state = 'sending', attempt_count = d.attempt_count + 1, lease_owner = %(owne
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[]) AS k(notification_id, channel)
 WHERE d.notification_id = k.notification_id AND d.channel = k.channel
   AND (d.state = 'queued' OR (d.state = 'retry_scheduled' AND d.next_attempt_at <= now() + interval '1 second'))
-RETURNING d.notification_id::text, d.channel, d.attempt_count
+RETURNING d.notification_id::text, d.channel, d.attempt_count, d.retry_tier, d.fallback_from
 """
 EXPIRE = """
 UPDATE deliveries d SET state = 'expired', last_error_code = 'expired', final_at = now(), next_attempt_at = NULL
@@ -100,12 +103,14 @@ RECORD = """
 UPDATE deliveries d
 SET state = k.state, provider = COALESCE(k.provider, d.provider), provider_message_id = k.provider_message_id,
     last_error_code = k.code, last_error_message = k.message, next_attempt_at = k.next_attempt_at,
-    lease_owner = NULL, lease_expires_at = NULL,
+    lease_owner = NULL, lease_expires_at = NULL, retry_tier = k.retry_tier,
     accepted_at = CASE WHEN k.state = 'accepted' THEN now() ELSE d.accepted_at END,
-    final_at = CASE WHEN k.state = 'failed' THEN now() ELSE d.final_at END
+    final_at = CASE WHEN k.state IN ('failed', 'dead_lettered', 'expired') THEN now() ELSE d.final_at END
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(states)s::text[], %(providers)s::text[],
-            %(provider_ids)s::text[], %(codes)s::text[], %(messages)s::text[], %(due)s::timestamptz[])
-    AS k(notification_id, channel, state, provider, provider_message_id, code, message, next_attempt_at)
+            %(provider_ids)s::text[], %(codes)s::text[], %(messages)s::text[], %(due)s::timestamptz[],
+            %(tiers)s::int[])
+    AS k(notification_id, channel, state, provider, provider_message_id, code, message, next_attempt_at,
+         retry_tier)
 WHERE d.notification_id = k.notification_id AND d.channel = k.channel
   AND d.state = 'sending' AND d.lease_owner = %(owner)s
 RETURNING d.notification_id::text, d.channel
@@ -134,9 +139,13 @@ class Job:
 
     task: dict[str, Any]
     rendered: Rendered
+    record: Record  # the send record: its bytes go to a retry tier or the DLQ as they are
     attempt_no: int = 0
+    tiers_used: int = 0
+    fallback_from: str | None = None  # a failure receipt's provider: not tried again
     calls: list[Call] = field(default_factory=list)
     state: policy.DeliveryResult = "unknown"
+    retry: recovery.RetryStep | None = None  # set when every provider failed transiently
     accepted_by: Outcome | None = None
     last: Outcome | None = None
 
@@ -178,6 +187,10 @@ class Sender:
         self.rng = rng or random.Random()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
+        self.delays = ctx.settings.retry_delays(ctx.lane)
+        if len(self.delays) != len(topics.retry_topics(ctx.lane)):
+            raise ConfigError(f"{len(self.delays)} retry delays configured for the {ctx.lane} lane, which has "
+                              f"{len(topics.retry_topics(ctx.lane))} retry tier topics")
         # every provider a route can name: their breakers are read once per batch
         self.providers = ({p for ch in CHANNELS for p in self.routing.default[ch]}
                           | {p for _, order in ctx.settings.routing_overrides for p in order})
@@ -199,10 +212,12 @@ class Sender:
     async def handle(self, ctx: StageContext, records: list[Record]) -> None:
         now = utcnow()
         tasks: dict[tuple[str, str], dict[str, Any]] = {}
+        sources: dict[tuple[str, str], Record] = {}
         for record in records:
             task = await ctx.decode_or_quarantine(record, serde.DELIVERY_TASK)
             if task is not None:
-                tasks[(str(task["notification_id"]), task["channel"])] = task  # a batch may hold a task twice
+                key = (str(task["notification_id"]), task["channel"])
+                tasks[key], sources[key] = task, record  # a batch may hold a task twice
         expired = {k: t for k, t in tasks.items() if t.get("expires_at") is not None and t["expires_at"] <= now}
         unsendable: dict[tuple[str, str], TemplateError] = {}
         rendered: dict[tuple[str, str], Rendered] = {}
@@ -225,7 +240,8 @@ class Sender:
             rows = await (await conn.execute(CLAIM, {
                 "owner": self.owner, "lease_s": self.settings.sender_lease_s,
                 "ids": [k[0] for k in to_claim], "channels": [k[1] for k in to_claim]})).fetchall()
-        jobs = [Job(tasks[(nid, ch)], rendered[(nid, ch)], attempt_no) for nid, ch, attempt_no in rows]
+        jobs = [Job(tasks[(nid, ch)], rendered[(nid, ch)], sources[(nid, ch)], attempt_no, tiers, fallback_from)
+                for nid, ch, attempt_no, tiers, fallback_from in rows]
         skipped = len(to_claim) - len(jobs)
         if skipped:
             SKIPPED.labels(ctx.lane).inc(skipped)
@@ -288,12 +304,15 @@ class Sender:
                         breakers: dict[str, policy.BreakerState], probes: set[str]) -> policy.DeliveryResult:
         task = job.task
         order = self.routing.order(task["channel"], task["lane"], message.to if task["channel"] == "sms" else None)
+        order = tuple(p for p in order if p != job.fallback_from)
         if platform is not None:
             order = policy.for_device(order, platform, message.to)
-            if not order:
-                job.last = Outcome("permanent", "none", "invalid_recipient", error_code="no_provider",
-                                   error_message=f"no configured push provider takes this {platform} token")
-                return "failed"
+        if not order:
+            job.last = Outcome("permanent", "none", "invalid_recipient", error_code="no_provider",
+                               error_message=f"no configured provider is left for this {task['channel']} message"
+                               + (f" (a {platform} token)" if platform else "")
+                               + (f" after {job.fallback_from} failed it" if job.fallback_from else ""))
+            return "failed"
         remaining = None
         if task.get("expires_at") is not None:
             remaining = (task["expires_at"] - utcnow()).total_seconds()
@@ -335,6 +354,27 @@ class Sender:
         PROVIDER_OUTCOMES.labels(provider, message.channel, outcome.kind, outcome.reason).inc()
         return outcome
 
+    def _park(self, job: Job, code: str, message: str) -> None:
+        """A delivery every provider failed transiently: to its next retry tier, or to the DLQ after the last."""
+        assert job.retry is not None
+        nid, channel = job.key
+        history = [*retry.decode_history(job.record.headers),
+                   *({"attempt": job.attempt_no, "provider": c.outcome.provider, "outcome": c.outcome.kind,
+                      "code": c.outcome.error_code or c.outcome.reason, "at": c.finished_at.isoformat()}
+                     for c in job.calls)]
+        base = retry.delivery_headers(nid, channel, self.ctx.lane, topics.send_topic(channel, self.ctx.lane),
+                                      history)
+        if job.retry.action == "retry":
+            assert job.retry.due is not None
+            tier_topic = topics.retry_topics(self.ctx.lane)[job.retry.tier - 1]
+            self.ctx.send(tier_topic, job.record.key, job.record.value,
+                          retry.tier_headers(base, job.retry.tier, job.retry.due))
+            retry.SCHEDULED.labels(self.ctx.lane, channel, str(job.retry.tier)).inc()
+            return
+        self.ctx.send(topics.DLQ, job.record.key, job.record.value, retry.dead_letter_headers(
+            base, job.retry.reason, f"{code}: {message}", job.record.source))
+        retry.DEAD_LETTERED.labels(self.ctx.lane, channel, job.retry.reason).inc()
+
     def _maybe_shadow(self, used: str, message: Message) -> None:
         """Mirror a share of the channel's sends to the candidate provider in its test mode (never delivered)."""
         plan = self.shadow_plan.get(message.channel)
@@ -361,24 +401,33 @@ class Sender:
 
     async def _record(self, jobs: list[Job]) -> None:
         now = utcnow()
-        states, provider_names, provider_ids, codes, messages, due = [], [], [], [], [], []
+        states: list[str] = []
+        provider_names, provider_ids, codes, messages, due, tiers = [], [], [], [], [], []
         for job in jobs:
             final = job.accepted_by if job.state == "accepted" else job.last
-            states.append(job.state)
+            state: str = job.state
+            if job.state == "retry_scheduled":
+                job.retry = recovery.after_transient(job.tiers_used, self.delays, now,
+                                                     [c.outcome.retry_after_s for c in job.calls],
+                                                     job.task.get("expires_at"))
+                state = {"retry": "retry_scheduled", "dead_letter": "dead_lettered", "expire": "expired"}[
+                    job.retry.action]
+            states.append(state)
             provider_names.append(final.provider if final and final.provider != "none" else None)
             provider_ids.append(job.accepted_by.provider_message_id if job.accepted_by else None)
-            codes.append(None if job.state == "accepted" or final is None else final.error_code or final.reason)
-            messages.append(None if job.state == "accepted" or final is None else (final.error_message or "")[:1000])
-            delay = policy.retry_delay_s(self.settings.sender_retry_delay_s,
-                                         [c.outcome.retry_after_s for c in job.calls])
-            due.append(now + datetime.timedelta(seconds=delay) if job.state == "retry_scheduled" else None)
+            code = None if state == "accepted" or final is None else final.error_code or final.reason
+            codes.append("expired" if state == "expired" else code)
+            messages.append(None if state == "accepted" or final is None else (final.error_message or "")[:1000])
+            is_retry = job.retry is not None and job.retry.action == "retry"
+            due.append(job.retry.due if job.retry is not None and is_retry else None)
+            tiers.append(job.retry.tier if job.retry is not None and is_retry else job.tiers_used)
         calls = [(job, call) for job in jobs for call in job.calls]
         pool = await db.async_pool(self.settings)
         async with pool.connection() as conn, conn.transaction():
             recorded = await (await conn.execute(RECORD, {
                 "owner": self.owner, "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs],
                 "states": states, "providers": provider_names, "provider_ids": provider_ids, "codes": codes,
-                "messages": messages, "due": due})).fetchall()
+                "messages": messages, "due": due, "tiers": tiers})).fetchall()
             if calls:
                 await conn.execute(ATTEMPTS, {
                     "ids": [j.key[0] for j, _ in calls], "channels": [j.key[1] for j, _ in calls],
@@ -408,6 +457,8 @@ class Sender:
             provider = job.accepted_by.provider if job.accepted_by else (job.last.provider if job.last else None)
             await self.ctx.emit(job.task, state, channel=channel, provider=provider, attempt=job.attempt_no,
                                 error_code=code, error_message=message)
+            if job.retry is not None and state in ("retry_scheduled", "dead_lettered"):
+                self._park(job, code or "", message or "")
             if state == "accepted" and job.task.get("created_at") is not None:
                 SEND_LATENCY.labels(self.ctx.lane, channel, job.task["type"]).observe(
                     max(0.0, (now - job.task["created_at"]).total_seconds()))

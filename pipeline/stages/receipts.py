@@ -1,0 +1,100 @@
+"""The receipts stage: receipts (from the webhook receivers) -> `deliveries` delivered / failed, events, one fallback.
+
+A receipt names its provider's message id and, when the provider echoes it, our notification id; the channel
+follows from the provider. The row is locked, `recovery.after_receipt` decides, the row moves and an event goes
+out. A failure after acceptance re-queues the delivery once for the next provider of its channel (the row keeps
+`fallback_from`, which the sender skips) and re-injects its stored task; a second failure is final. Receipts are
+idempotent: a repeated or stale one finds the row final or no longer about that message and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import Counter
+
+from pipeline import db, deliveries, serde, topics
+from pipeline.policy import providers as policy
+from pipeline.policy import recovery
+from pipeline.stages.runtime import Record, Stage, StageContext
+
+log = logging.getLogger("notify.receipts")
+
+CHANNEL_OF = {"twilio": "sms", "termii": "sms", "sendgrid": "email", "mailgun": "email"}
+HEADER_FALLBACK_FROM = "notify-fallback-from"
+
+RECEIPTS = Counter("notify_receipts_total", "Receipts the receipts stage applied, by provider and result.",
+                   ["provider", "status", "result"])
+
+
+class ReceiptHandler:
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.routing = policy.routing_table(ctx.settings.routing_overrides)
+        self.codec = ctx.codec
+
+    def order(self, row: deliveries.DeliveryRow) -> tuple[str, ...]:
+        """The row's provider order (per lane and, for SMS, the number's calling code)."""
+        to = None
+        if row.task is not None and row.channel == "sms":
+            to = self.codec.decode(row.task, expected=serde.DELIVERY_TASK).value.get("address")
+        return tuple(self.routing.order(row.channel, row.lane, to))
+
+    async def __call__(self, ctx: StageContext, record: Record) -> str:
+        receipt = await ctx.decode_or_quarantine(record, serde.PROVIDER_RECEIPT)
+        if receipt is None:
+            return "undecodable"
+        provider, message_id, status = receipt["provider"], receipt["provider_message_id"], receipt["status"]
+        result = await self.apply(receipt)
+        RECEIPTS.labels(provider, status, result).inc()
+        log.debug("receipt %s %s %s: %s", provider, message_id, status, result)
+        return result
+
+    async def apply(self, receipt: dict[str, Any]) -> str:
+        provider, message_id, status = receipt["provider"], receipt["provider_message_id"], receipt["status"]
+        channel = CHANNEL_OF[provider]
+        nid = receipt.get("notification_id")
+        pool = await db.async_pool(self.ctx.settings)
+        async with pool.connection() as conn, conn.transaction():
+            if nid is not None:
+                rows = await deliveries.fetch(conn, "d.notification_id = %s AND d.channel = %s",
+                                              (str(nid), channel), lock=True)
+            else:
+                rows = await deliveries.fetch(conn, "d.provider = %s AND d.provider_message_id = %s",
+                                              (provider, message_id), lock=True)
+            if not rows:
+                return "unmatched"
+            row = rows[0]
+            step = recovery.after_receipt(row.view, provider, message_id, status, self.order(row))
+            code = receipt.get("error_code") or (receipt["raw_status"] if step.action != "delivered" else None)
+            if step.action == "ignore":
+                return "ignored"
+            if step.action == "fallback" and row.task is None:  # written before tasks were stored: cannot re-send
+                step = recovery.ReceiptStep("failed", "failed after acceptance; no stored task to fall back with")
+            if step.action == "fallback":
+                moved = await deliveries.transition(
+                    conn, row, "queued", code=code, message=receipt.get("error_message") or step.reason,
+                    fallback_from=provider, clear_provider=True)
+            else:
+                moved = await deliveries.transition(
+                    conn, row, step.action, provider=provider, provider_message_id=message_id, code=code,
+                    message=receipt.get("error_message"))
+        if not moved:
+            return "raced"
+        # After the commit: a fallback task the sender read before it would find the row not yet queued.
+        if step.action == "fallback":
+            deliveries.reinject(self.ctx, row, {HEADER_FALLBACK_FROM: provider.encode()})
+            await self.ctx.emit(row.subject, "queued", channel=channel, provider=provider, lane=row.lane,
+                                attempt=row.attempt_count, error_code=code,
+                                error_message=f"failed after acceptance at {provider}; "
+                                              f"falling back to {step.fallback_to}")
+            return "fallback"
+        await self.ctx.emit(row.subject, step.action, channel=channel, provider=provider, lane=row.lane,
+                            attempt=row.attempt_count, error_code=code if step.action == "failed" else None,
+                            error_message=receipt.get("error_message"))
+        return step.action
+
+
+def build(ctx: StageContext) -> Stage:
+    return Stage(ctx, {topics.RECEIPTS: ReceiptHandler(ctx)})

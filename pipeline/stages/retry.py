@@ -1,0 +1,223 @@
+"""Retry tiers: retry.<lane>.<n> -> (held until due) -> send.<channel>.<lane>; and the headers retries carry.
+
+The sender writes a delivery that failed transiently on every provider to the next tier with its due time and
+attempt history in headers (`tier_headers`). Each tier topic holds one delay, so the head of each partition is
+always the next record due there. The releaser (one consumer group per lane, over every tier of the lane) reads a
+partition until it meets a record not yet due, then pauses that partition and seeks back to the record: the
+other partitions and tiers keep flowing, nothing is held in memory, and the paused partition resumes when its
+head comes due. Due records go back to their send topic unchanged (the claim on the `deliveries` row decides
+whether they are sent). Offsets are committed only up to what was forwarded and acknowledged by Kafka.
+
+A record is released at the later of its header due time and its broker timestamp plus the tier's delay: never
+early by either clock. Lateness is bounded by the poll interval (POLL_MAX_S) plus the forwarding time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline import kafka, topics
+from pipeline.errors import ConfigError
+from pipeline.stages.runtime import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, Record, StageContext, utcnow
+
+log = logging.getLogger("notify.retry")
+
+HEADER_DUE = "notify-due-ms"  # epoch milliseconds; never released before
+HEADER_TIER = "notify-tier"
+HEADER_ATTEMPTS = "notify-attempts"  # JSON list of {attempt, provider, outcome, code, at}
+HEADER_SEND_TOPIC = "notify-send-topic"  # logical send topic a retry or a redrive goes back to
+HEADER_NOTIFICATION = "notify-notification-id"
+HEADER_CHANNEL = "notify-channel"
+HEADER_LANE = "notify-lane"
+HEADER_DEAD_AT = "notify-dead-lettered-at"
+HEADER_REDRIVEN = "notify-redriven-at"
+
+POLL_MAX_S = 0.25
+BATCH_SIZE = 500
+
+RELEASED = Counter("notify_retry_released_total", "Records a retry tier released to their send topic.",
+                   ["lane", "tier"])
+RELEASE_LATENESS = Histogram(
+    "notify_retry_release_lateness_seconds", "How long after its due time a retry was released.", ["lane"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+PARKED = Gauge("notify_retry_parked_partitions", "Tier partitions paused until their head comes due.", ["lane"])
+SCHEDULED = Counter("notify_retry_scheduled_total", "Deliveries written to a retry tier.", ["lane", "channel", "tier"])
+DEAD_LETTERED = Counter("notify_dlq_total", "Records written to the dead-letter queue, by reason.",
+                        ["lane", "channel", "reason"])
+
+
+def encode_history(history: Sequence[Mapping[str, Any]]) -> bytes:
+    return json.dumps(list(history), separators=(",", ":"), default=str).encode()
+
+
+def decode_history(headers: Mapping[str, bytes]) -> list[dict[str, Any]]:
+    """The attempt history a record carries (empty for a first send or an unreadable header)."""
+    raw = headers.get(HEADER_ATTEMPTS)
+    if not raw:
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return []
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def delivery_headers(notification_id: str, channel: str, lane: str, send_topic: str,
+                     history: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+    """What every retry and dead letter carries: who it is, where it goes back to, what was tried."""
+    return {HEADER_NOTIFICATION: notification_id.encode(), HEADER_CHANNEL: channel.encode(),
+            HEADER_LANE: lane.encode(), HEADER_SEND_TOPIC: send_topic.encode(),
+            HEADER_ATTEMPTS: encode_history(history)}
+
+
+def tier_headers(base: Mapping[str, bytes], tier: int, due: datetime.datetime) -> dict[str, bytes]:
+    return {**base, HEADER_TIER: str(tier).encode(), HEADER_DUE: str(int(due.timestamp() * 1000)).encode()}
+
+
+def dead_letter_headers(base: Mapping[str, bytes], reason: str, detail: str, source: str) -> dict[str, bytes]:
+    return {**base, HEADER_REASON: reason.encode(), HEADER_DETAIL: detail[:2000].encode(errors="replace"),
+            HEADER_SOURCE: source.encode(), HEADER_DEAD_AT: utcnow().isoformat().encode()}
+
+
+def due_s(record: Record, delay_s: float) -> float | None:
+    """When `record` may be released (epoch seconds): the later of its header due time and its broker timestamp
+    plus the tier's delay. None when neither is known (the record cannot be scheduled)."""
+    candidates = []
+    raw = record.headers.get(HEADER_DUE)
+    if raw:
+        try:
+            candidates.append(int(raw) / 1000)
+        except ValueError:
+            return None
+    if record.timestamp_ms > 0:
+        candidates.append(record.timestamp_ms / 1000 + delay_s)
+    return max(candidates) if candidates else None
+
+
+def release_headers(record: Record) -> dict[str, bytes]:
+    """The headers a released record goes back with: its history and identity, not its due time."""
+    return {k: v for k, v in record.headers.items() if k not in (HEADER_DUE, HEADER_TIER)}
+
+
+class TierReleaser:
+    """Moves due records from the lane's retry tiers back to their send topics (run()/stop(), like StageRunner)."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        settings = ctx.settings
+        names = topics.retry_topics(ctx.lane)
+        delays = settings.retry_delays(ctx.lane)
+        if len(delays) != len(names):
+            raise ConfigError(f"the {ctx.lane} lane has {len(names)} retry tier topics but "
+                              f"{len(delays)} delays are configured ({', '.join(f'{d:g}' for d in delays)})")
+        self.delays = {settings.topic(name): delay for name, delay in zip(names, delays, strict=True)}
+        self.tier_of = {settings.topic(name): str(n) for n, name in enumerate(names, start=1)}
+        self.parked: dict[tuple[str, int], float] = {}  # paused partition -> when its head comes due
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._consumer: Consumer = kafka.consumer(settings, ctx.group_id, **{
+            "max.poll.interval.ms": 300_000, "client.id": f"notify-retry-{ctx.lane}"})
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:  # the next owner reads them again from the committed offset
+            self.parked.pop((tp.topic, tp.partition), None)
+        PARKED.labels(self.ctx.lane).set(len(self.parked))
+
+    def _timeout(self, now: float) -> float:
+        if not self.parked:
+            return POLL_MAX_S
+        return max(0.005, min(POLL_MAX_S, min(self.parked.values()) - now))
+
+    def _park(self, record: Record, due: float) -> None:
+        tp = TopicPartition(record.topic, record.partition, record.offset)
+        self._consumer.pause([tp])
+        self._consumer.seek(tp)  # the head is read again when the partition resumes
+        self.parked[(record.topic, record.partition)] = due
+
+    def _resume_due(self, now: float) -> None:
+        due = [tp for tp, at in self.parked.items() if at <= now]
+        if due:
+            self._consumer.resume([TopicPartition(t, p) for t, p in due])
+            for tp in due:
+                del self.parked[tp]
+
+    def _forward(self, record: Record, now: float, due: float | None) -> None:
+        send_topic = record.headers.get(HEADER_SEND_TOPIC, b"").decode()
+        if due is None or send_topic not in topics.catalogue():
+            base = {k: v for k, v in record.headers.items() if k.startswith("notify-")}
+            channel = base.get(HEADER_CHANNEL, b"unknown").decode()
+            self.ctx.send(topics.DLQ, record.key, record.value, dead_letter_headers(
+                base, "unreleasable", "a retry record without a due time or a known send topic", record.source))
+            DEAD_LETTERED.labels(self.ctx.lane, channel, "unreleasable").inc()
+            return
+        self.ctx.send(send_topic, record.key, record.value, release_headers(record))
+        RELEASED.labels(self.ctx.lane, self.tier_of.get(record.topic, "?")).inc()
+        RELEASE_LATENESS.labels(self.ctx.lane).observe(max(0.0, now - due))
+
+    def _handle(self, messages: list[Message]) -> list[TopicPartition]:
+        """Forward what is due, park partitions whose head is not; the offsets to commit once Kafka acked."""
+        now = time.time()
+        forwarded: dict[tuple[str, int], int] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consumer error %s", self.ctx.group_id, error)
+                continue
+            record = Record.of(message)
+            key = (record.topic, record.partition)
+            if key in self.parked:
+                continue  # behind a parked head: read again when the partition resumes
+            due = due_s(record, self.delays.get(record.topic, 0.0))
+            if due is not None and due > now:
+                self._park(record, due)
+                continue
+            self._forward(record, now, due)
+            forwarded[key] = record.offset + 1
+        return [TopicPartition(t, p, o) for (t, p), o in forwarded.items()]
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+
+    async def run(self) -> None:
+        io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-retry-{self.ctx.lane}")
+        loop = asyncio.get_running_loop()
+
+        def on_thread(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+            return loop.run_in_executor(io, fn, *args)
+
+        await on_thread(self._consumer.subscribe, list(self.delays), self._on_assign, self._on_revoke,
+                        self._on_revoke)
+        try:
+            while not self._stopping.is_set():
+                messages = await on_thread(self._consumer.consume, BATCH_SIZE, self._timeout(time.time()))
+                # on the consumer's thread, like pause/seek/resume (one thread per librdkafka client)
+                offsets = await on_thread(self._handle, messages)
+                await self.ctx.settle()  # forwarded records acknowledged before their offsets are committed
+                if offsets:
+                    await on_thread(self._commit, offsets)
+                await on_thread(self._resume_due, time.time())
+                PARKED.labels(self.ctx.lane).set(len(self.parked))
+        finally:
+            self._stopping.set()
+            try:
+                await self.ctx.settle()
+            finally:
+                await on_thread(self._consumer.close)
+                io.shutdown(wait=False)
