@@ -25,7 +25,8 @@ httpx's connect timeout (nothing sent: transient) and read timeout (ambiguous) c
 connector's, and the whole request is bounded by NOTIFY_PROVIDER_TIMEOUT_S.
 
 Status and receipts: APNs has neither. `_status` raises ProviderQueryError (as fcm_push.py explains, the send answer is
-final, and the collapse id keeps a resend after an ambiguous outcome from showing twice).
+final, and the collapse id keeps a resend after an ambiguous outcome from showing twice). `find` keeps the base
+default (ProviderQueryError): APNs lists nothing it accepted.
 """
 
 from __future__ import annotations

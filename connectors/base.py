@@ -99,6 +99,14 @@ class DeliveryStatus:
 
 
 @dataclass(frozen=True)
+class Found:
+    """A message the provider holds for our reference: its id and what its status API says."""
+
+    provider_message_id: str
+    status: DeliveryStatus
+
+
+@dataclass(frozen=True)
 class Receipt:
     """One delivery receipt from a webhook; maps onto the ProviderReceipt record."""
 
@@ -220,7 +228,8 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class Connector(ABC):
-    """A provider connector. Subclasses implement `_send`, `_status`, `parse_receipt` and `verify_receipt`.
+    """A provider connector. Subclasses implement `_send`, `_status`, `parse_receipt` and `verify_receipt`, and
+    `_find` where the provider can list what it holds.
 
     `send` never raises for provider or transport failures: it returns an Outcome. At most `max_concurrency`
     calls (sends and status queries) are in flight at once; time waiting for a slot is not in `latency_s`.
@@ -271,6 +280,23 @@ class Connector(ABC):
             except TRANSPORT_ERRORS as exc:
                 raise ProviderQueryError(f"{self.name} status of {provider_message_id}: {exc!r}") from exc
 
+    async def find(self, msg: Message, since: datetime) -> Found | None:
+        """The provider's record of `msg` (same notification id / recipient / body) sent at or after `since`;
+        None when the provider has no such message (it never arrived); ProviderQueryError when it cannot tell.
+
+        For reconciling a send that got no answer (accept-then-hang, a worker that died mid-send): there is no
+        provider message id to ask `status` about. Providers stamp their records to the second, so `since` counts
+        from the start of its second (a match a little early beats a resend).
+        """
+        async with self._slots:
+            try:
+                return await self._find(msg, since)
+            except TRANSPORT_ERRORS as exc:
+                raise ProviderQueryError(f"{self.name} lookup of {msg.notification_id}: {exc!r}") from exc
+
+    async def _find(self, msg: Message, since: datetime) -> Found | None:
+        raise ProviderQueryError(f"{self.name} has no lookup by reference")
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -300,6 +326,12 @@ def check_query(what: str, status: int, payload: Any) -> None:
     """A status-query answer that says nothing about the message (auth, throttling, 5xx): ProviderQueryError."""
     if status in (401, 403, 429) or status >= 500:
         raise ProviderQueryError(f"{what}: HTTP {status} {str(payload)[:200]}")
+
+
+def utc_second(when: datetime) -> datetime:
+    """`when` in UTC, cut to its second (naive means UTC): providers' record times have no finer grain."""
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).replace(microsecond=0)
 
 
 def basic_auth(login: str, password: str) -> str:

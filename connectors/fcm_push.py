@@ -34,6 +34,7 @@ Our notification id also travels in `data`, where the app (and the simulator's l
 Status and receipts: FCM has neither (no status API, no delivery webhooks; BigQuery export is a daily batch).
 `_status` raises ProviderQueryError rather than inventing an answer: an accepted send is as final as FCM gets,
 and an ambiguous one cannot be settled by asking FCM; the collapse id is what keeps a resend harmless.
+`find` keeps the base default (ProviderQueryError) for the same reason: FCM lists nothing it accepted.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Send: POST {base}/v3/{domain}/messages, basic auth api:<key>, form fields from, to, subject, text and
 v:notification_id (a user variable, echoed in every event); the answer is {"id": "<...>", "message": "Queued.
 Thank you."}. The id is kept without its angle brackets, as events and webhooks show it. Status: GET
-{base}/v3/{domain}/events?message-id=<id>. Webhooks: JSON {"signature": {timestamp, token, signature},
+{base}/v3/{domain}/events?message-id=<id>; lookup by reference (`find`): the same events filtered by recipient and
+begin, matched on the v:notification_id user variable. Webhooks: JSON {"signature": {timestamp, token, signature},
 "event-data": {...}}, signature = hex HMAC-SHA256(webhook signing key, timestamp + token).
 """
 
@@ -19,8 +20,10 @@ from typing import Any
 from connectors.base import (
     Connector,
     DeliveryStatus,
+    Found,
     Message,
     Outcome,
+    ProviderQueryError,
     Receipt,
     ReceiptStatus,
     accepted,
@@ -31,6 +34,7 @@ from connectors.base import (
     json_object,
     limits,
     small,
+    utc_second,
 )
 from pipeline.config import Settings
 
@@ -39,6 +43,7 @@ RECEIPTS: dict[str, ReceiptStatus] = {
     "accepted": "accepted", "delivered": "delivered", "opened": "opened", "clicked": "clicked",
     "complained": "complained", "unsubscribed": "unsubscribed",
 }
+EVENTS_LIMIT = 300  # the Events API's largest page
 
 
 def classify(status: int, body: str | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> Outcome:
@@ -63,6 +68,27 @@ def event_status(event: Mapping[str, Any]) -> ReceiptStatus:
     if kind == "failed":
         return "failed" if event.get("severity") == "permanent" else "deferred"
     return RECEIPTS.get(kind, "other")
+
+
+def message_id_of(event: Mapping[str, Any]) -> str:
+    """An event's message id without angle brackets ("" when it has none)."""
+    return str(((event.get("message") or {}).get("headers") or {}).get("message-id") or "").strip("<>")
+
+
+def delivery_status(events: list[dict[str, Any]]) -> DeliveryStatus:
+    """One message's events (in any order) as its status: delivered or failed when an event says so."""
+    if not events:
+        return DeliveryStatus("unknown")
+    events = sorted(events, key=_stamp)  # Mailgun lists newest first unless asked otherwise
+    statuses = [(event_status(e), e) for e in events]
+    for wanted in ("delivered", "failed"):
+        for found, event in statuses:
+            if found == wanted:
+                delivery = event.get("delivery-status") or {}
+                code = delivery.get("code")
+                return DeliveryStatus(wanted, str(event.get("event")), str(code) if code else None,
+                                      delivery.get("message") or None)
+    return DeliveryStatus("pending", str(events[-1].get("event")))
 
 
 class MailgunEmail(Connector):
@@ -95,24 +121,34 @@ class MailgunEmail(Connector):
         async with self.session().post(f"{self.base_url}/messages", data=form, headers=self.auth) as resp:
             return classify(resp.status, await resp.text(), resp.headers)
 
-    async def _status(self, provider_message_id: str) -> DeliveryStatus:
-        async with self.session().get(f"{self.base_url}/events", params={"message-id": provider_message_id},
-                                      headers=self.auth) as resp:
+    async def _events(self, what: str, params: Mapping[str, str]) -> tuple[int, list[dict[str, Any]]]:
+        """One page of the Events API (GET /v3/{domain}/events) for `params`: the HTTP status and the events."""
+        async with self.session().get(f"{self.base_url}/events", params=params, headers=self.auth) as resp:
             status, text = resp.status, await resp.text()
-        check_query(f"mailgun status of {provider_message_id}", status, text)
+        check_query(what, status, text)
         items = json_object(text).get("items") if status == 200 else None
-        events = [e for e in items or [] if isinstance(e, dict)]
-        if not events:
-            return DeliveryStatus("unknown")
-        statuses = [(event_status(e), e) for e in events]
-        for wanted in ("delivered", "failed"):
-            for found, event in statuses:
-                if found == wanted:
-                    delivery = event.get("delivery-status") or {}
-                    code = delivery.get("code")
-                    return DeliveryStatus(wanted, str(event.get("event")), str(code) if code else None,
-                                          delivery.get("message") or None)
-        return DeliveryStatus("pending", str(events[-1].get("event")))
+        return status, [e for e in items or [] if isinstance(e, dict)]
+
+    async def _status(self, provider_message_id: str) -> DeliveryStatus:
+        _, events = await self._events(f"mailgun status of {provider_message_id}",
+                                       {"message-id": provider_message_id})
+        return delivery_status(events)
+
+    async def _find(self, msg: Message, since: datetime) -> Found | None:
+        """The recipient's events since `since` (one page), matched on our v:notification_id user variable."""
+        what = f"mailgun lookup of {msg.notification_id}"
+        params = {"recipient": msg.to, "begin": str(int(utc_second(since).timestamp())), "ascending": "yes",
+                  "limit": str(EVENTS_LIMIT)}
+        status, events = await self._events(what, params)
+        if status != 200:  # a refused query (400, unknown domain 404) says nothing about the message
+            raise ProviderQueryError(f"{what}: HTTP {status}")
+        ours = _by_message([e for e in events if _reference(e) == msg.notification_id])
+        if not ours:
+            if len(events) >= EVENTS_LIMIT:  # a full page: ours may be on the next one
+                raise ProviderQueryError(f"{what}: {EVENTS_LIMIT}+ events since {since.isoformat()}, none ours")
+            return None
+        newest = max(ours, key=lambda mid: _stamp(ours[mid][0]))  # the send whose first event is the latest
+        return Found(newest, delivery_status(ours[newest]))
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         try:
@@ -128,7 +164,7 @@ class MailgunEmail(Connector):
         event = json_object(body.decode(errors="replace")).get("event-data")
         if not isinstance(event, dict):
             return []
-        message_id = str(((event.get("message") or {}).get("headers") or {}).get("message-id") or "").strip("<>")
+        message_id = message_id_of(event)
         if not message_id:
             return []
         status = event_status(event)
@@ -142,3 +178,21 @@ class MailgunEmail(Connector):
             error_message=(delivery.get("message") or event.get("reason")) if failed else None,
             occurred_at=datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, int | float) else None,
         )]
+
+
+def _reference(event: Mapping[str, Any]) -> Any:
+    return (event.get("user-variables") or {}).get("notification_id")
+
+
+def _stamp(event: Mapping[str, Any]) -> float:
+    stamp = event.get("timestamp")
+    return float(stamp) if isinstance(stamp, int | float) else 0.0
+
+
+def _by_message(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Events grouped by message id, each group oldest first; events without a message id are left out."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for event in sorted(events, key=_stamp):
+        if message_id := message_id_of(event):
+            groups.setdefault(message_id, []).append(event)
+    return groups

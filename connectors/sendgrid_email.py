@@ -16,8 +16,9 @@ ambiguous (urllib's single timeout cannot).
 POST {base}/v3/mail/send, Authorization: Bearer <key>; 202 with the id in X-Message-Id. Our notification id
 travels as the custom arg `notification_id`, which SendGrid echoes in every event. Status: GET
 {base}/v3/messages/{msg_id} is the Email Activity API (a paid add-on on real SendGrid: without it the answer is
-403, raised as ProviderQueryError). Event webhook: a JSON array of events, verified with SendGrid's signed event
-webhook (ECDSA P-256 over timestamp + body; sendgrid.helpers.eventwebhook.EventWebhook).
+403, raised as ProviderQueryError). Lookup by reference (`find`): the same add-on's GET
+{base}/v3/messages?query=unique_args['notification_id']="<id>". Event webhook: a JSON array of events, verified
+with SendGrid's signed event webhook (ECDSA P-256 over timestamp + body; sendgrid.helpers.eventwebhook.EventWebhook).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from connectors.base import (
     Connector,
     DeliveryState,
     DeliveryStatus,
+    Found,
     Message,
     Outcome,
+    ProviderQueryError,
     Receipt,
     ReceiptStatus,
     accepted,
@@ -46,6 +49,7 @@ from connectors.base import (
     json_object,
     limits,
     small,
+    utc_second,
 )
 from pipeline.config import Settings
 
@@ -56,6 +60,8 @@ RECEIPTS: dict[str, ReceiptStatus] = {
     "unsubscribe": "unsubscribed", "group_unsubscribe": "unsubscribed",
 }
 STATES: dict[str, DeliveryState] = {"delivered": "delivered", "not_delivered": "failed"}
+REFERENCE_ARG = "notification_id"  # the custom arg carrying our notification id (build_mail)
+FIND_LIMIT = 10  # one notification id is one message; a few resends at most
 
 
 def build_mail(msg: Message, from_email: str) -> dict[str, Any]:
@@ -67,7 +73,7 @@ def build_mail(msg: Message, from_email: str) -> dict[str, Any]:
     if "@" not in msg.to:
         raise ValueError(f"{msg.to!r} is not an email address")
     mail = Mail(from_email=from_email, to_emails=msg.to, subject=msg.subject, plain_text_content=msg.body)
-    mail.custom_arg = CustomArg("notification_id", msg.notification_id)
+    mail.custom_arg = CustomArg(REFERENCE_ARG, msg.notification_id)
     if msg.test_mode:  # sandbox mode: SendGrid validates and answers, and delivers nothing
         mail.mail_settings = MailSettings(sandbox_mode=SandBoxMode(True))
     body: dict[str, Any] = mail.get()
@@ -139,6 +145,25 @@ class SendGridEmail(Connector):
         raw = str(json_object(text).get("status", ""))
         return DeliveryStatus(STATES.get(raw, "pending"), raw)
 
+    async def _find(self, msg: Message, since: datetime) -> Found | None:
+        """Email Activity's "filter all messages" by our custom arg (unique_args in its query language)."""
+        what = f"sendgrid lookup of {msg.notification_id}"
+        query = f"unique_args['{REFERENCE_ARG}']={json.dumps(msg.notification_id)}"
+        async with self.session().get(f"{self.base_url}/v3/messages", params={"query": query, "limit": FIND_LIMIT},
+                                      headers=self.headers) as resp:
+            status, text = resp.status, await resp.text()
+        check_query(what, status, text)
+        if status != 200:  # 400 (query refused), 404: nothing learnt about the message
+            raise ProviderQueryError(f"{what}: HTTP {status} {text[:200]}")
+        items = json_object(text).get("messages")
+        matches = [m for m in items or [] if isinstance(m, dict) and m.get("msg_id") and _active_since(m, since)]
+        if not matches:
+            return None
+        newest = max(matches, key=lambda m: str(m.get("last_event_time")))
+        raw = str(newest.get("status", ""))
+        # msg_id may carry the filter node suffix (".filter..."); our id is the X-Message-Id before it.
+        return Found(str(newest["msg_id"]).split(".", 1)[0], DeliveryStatus(STATES.get(raw, "pending"), raw))
+
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         signature = header(headers, "X-Twilio-Email-Event-Webhook-Signature")
         timestamp = header(headers, "X-Twilio-Email-Event-Webhook-Timestamp")
@@ -170,3 +195,15 @@ class SendGridEmail(Connector):
                 if isinstance(event.get("timestamp"), int | float) else None,
             ))
         return out
+
+
+def _active_since(item: Mapping[str, Any], since: datetime) -> bool:
+    """Whether a listed message had events at or after `since`. The list gives no send time, only
+    last_event_time; a message sent at or after `since` passes, and an older send of the same notification id
+    passes only when it was still active then (finding it is as good: the provider has our message). An
+    unreadable time keeps the match: the notification id matched, and a wrong None would mean a resend."""
+    try:
+        last = datetime.fromisoformat(str(item.get("last_event_time")))
+    except ValueError:
+        return True
+    return (last if last.tzinfo else last.replace(tzinfo=UTC)) >= utc_second(since)

@@ -7,6 +7,7 @@ signed in X-Termii-Signature (hex HMAC-SHA512 of the body with the account's sec
 
 Termii has no client-reference field: receipts are matched through message_id (the delivery row stores it). We
 also send X-Notify-Reference: <notification id>, which Termii ignores and the simulator records in its ledger.
+Lookup by reference (`find`) therefore reads the whole History and matches receiver and text.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from connectors.base import (
     Connector,
     DeliveryState,
     DeliveryStatus,
+    Found,
     Message,
     Outcome,
+    ProviderQueryError,
     Receipt,
     ReceiptStatus,
     accepted,
@@ -33,6 +36,7 @@ from connectors.base import (
     json_object,
     limits,
     small,
+    utc_second,
 )
 from pipeline.config import Settings
 
@@ -105,18 +109,41 @@ class TermiiSms(Connector):
                                        headers={REFERENCE_HEADER: msg.notification_id}) as resp:
             return classify(resp.status, await resp.text(), resp.headers)
 
-    async def _status(self, provider_message_id: str) -> DeliveryStatus:
-        params = {"api_key": self.api_key, "message_id": provider_message_id}
-        async with self.session().get(f"{self.base_url}/api/sms/inbox", params=params) as resp:
+    async def _history(self, what: str, **params: str) -> tuple[int, list[dict[str, Any]]]:
+        """Termii's message history (GET /api/sms/inbox), narrowed by `params`: the HTTP status and the items."""
+        async with self.session().get(f"{self.base_url}/api/sms/inbox",
+                                      params={"api_key": self.api_key, **params}) as resp:
             status, text = resp.status, await resp.text()
-        check_query(f"termii status of {provider_message_id}", status, text)
-        data: Any = json.loads(text) if status == 200 and text else None
+        check_query(what, status, text)
+        try:
+            data: Any = json.loads(text) if status == 200 and text else None
+        except ValueError as exc:
+            raise ProviderQueryError(f"{what}: unreadable answer {text[:200]!r}") from exc
         items = data.get("data", []) if isinstance(data, dict) else data  # a list; some accounts get {"data": [...]}
-        match = [i for i in items or [] if isinstance(i, dict) and str(i.get("message_id")) == provider_message_id]
-        if status == 404 or not match:
+        return status, [i for i in items or [] if isinstance(i, dict)]
+
+    async def _status(self, provider_message_id: str) -> DeliveryStatus:
+        _, items = await self._history(f"termii status of {provider_message_id}", message_id=provider_message_id)
+        match = [i for i in items if str(i.get("message_id")) == provider_message_id]
+        if not match:
             return DeliveryStatus("unknown")
         raw = str(match[0].get("status", ""))
         return DeliveryStatus(delivery_state(raw), raw)
+
+    async def _find(self, msg: Message, since: datetime) -> Found | None:
+        """The whole history, matched on receiver and exact text: Termii keeps no reference of ours."""
+        what = f"termii lookup of {msg.notification_id}"
+        status, items = await self._history(what)
+        if status != 200:  # the list itself is missing: that says nothing about our message
+            raise ProviderQueryError(f"{what}: HTTP {status}")
+        start, receiver = utc_second(since), msg.to.lstrip("+")
+        matches = [i for i in items if str(i.get("receiver")) == receiver and i.get("message") == msg.body
+                   and _created_since(i, start)]
+        if not matches:
+            return None
+        newest = max(matches, key=lambda i: str(i.get("created_at")))  # "YYYY-MM-DD HH:MM:SS" sorts as text
+        raw = str(newest.get("status", ""))
+        return Found(str(newest.get("message_id")), DeliveryStatus(delivery_state(raw), raw))
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         signature = header(headers, "X-Termii-Signature")
@@ -145,3 +172,8 @@ def _sent_at(value: Any) -> datetime | None:
         return datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+def _created_since(item: Mapping[str, Any], start: datetime) -> bool:
+    created = _sent_at(item.get("created_at"))  # read as UTC, like the delivery reports' sent_at
+    return created is not None and created >= start

@@ -11,12 +11,16 @@ The SDK's own AsyncTwilioHttpClient is subclassed for two gaps: it passes `timeo
 "no timeout at all", and TwilioRestException drops the response headers (Retry-After). Our subclass uses the
 connector's session (pool size, connect and total timeouts) and keeps the raw answer in a context variable, which
 is per asyncio task, so concurrent sends never see each other's answers.
+
+Lookup by reference (`find`): the Messages list (GET .../Messages.json?To=...&DateSent>=YYYY-MM-DD through
+`messages.list_async`), matched on the exact body, since no field of the Message resource holds our notification id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
@@ -30,6 +34,7 @@ from connectors.base import (
     Connector,
     DeliveryState,
     DeliveryStatus,
+    Found,
     Message,
     Outcome,
     ProviderQueryError,
@@ -43,6 +48,7 @@ from connectors.base import (
     json_object,
     limits,
     small,
+    utc_second,
 )
 from pipeline.config import Settings
 
@@ -172,10 +178,25 @@ class TwilioSms(Connector):
             if int(exc.status) == 404:
                 return DeliveryStatus("unknown", error_code=str(exc.code), error_message=str(exc.msg))
             raise ProviderQueryError(f"twilio status of {provider_message_id}: HTTP {exc.status} {exc.msg}") from exc
-        raw = str(message.status)
-        code = str(message.error_code) if message.error_code else None
-        state = STATES.get(raw, "pending")
-        return DeliveryStatus(state, raw, code, str(message.error_message) if message.error_message else None)
+        return _delivery_status(message)
+
+    async def _find(self, msg: Message, since: datetime) -> Found | None:
+        """Messages to msg.to sent since the day of `since` (Twilio's DateSent filter has a day's grain), matched on
+        the exact body: the Message resource holds none of our reference (the StatusCallback URL is not in it).
+
+        DateSent is only set once Twilio hands the message on: one still in Twilio's queue is not listed yet, so
+        ask after it had time to leave the queue.
+        """
+        start = utc_second(since)
+        try:
+            listed = await self.client.messages.list_async(to=msg.to, date_sent_after=start.strftime("%Y-%m-%d"))
+        except (TwilioException, ValueError, KeyError) as exc:  # non-200 ("Unable to fetch page") or unreadable
+            raise ProviderQueryError(f"twilio lookup of {msg.notification_id}: {exc}") from exc
+        matches = [m for m in listed if m.body == msg.body and m.date_created is not None and m.date_created >= start]
+        if not matches:
+            return None
+        newest = max(matches, key=lambda m: m.date_created)
+        return Found(str(newest.sid), _delivery_status(newest))
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         signature = header(headers, "X-Twilio-Signature")
@@ -191,3 +212,11 @@ class TwilioSms(Connector):
         nid = parse_qs(urlsplit(url).query).get("nid", [None])[0]
         return [Receipt(NAME, sid, RECEIPTS.get(raw, "other"), raw, notification_id=nid,
                         error_code=params.get("ErrorCode") or None, error_message=params.get("ErrorMessage"))]
+
+
+def _delivery_status(message: Any) -> DeliveryStatus:
+    """A Twilio MessageInstance's status as ours (fetched or listed)."""
+    raw = str(message.status)
+    code = str(message.error_code) if message.error_code else None
+    return DeliveryStatus(STATES.get(raw, "pending"), raw, code,
+                          str(message.error_message) if message.error_message else None)

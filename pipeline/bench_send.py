@@ -57,13 +57,14 @@ FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::time
 ON CONFLICT DO NOTHING
 """
 SEED_DELIVERIES = """
-INSERT INTO deliveries (notification_id, channel, state)
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[]) ON CONFLICT DO NOTHING
+INSERT INTO deliveries (notification_id, channel, state, task)
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[]) ON CONFLICT DO NOTHING
 """
 
 
 def seed(settings: Settings, tasks: Sequence[Mapping[str, Any]]) -> None:
-    """The `notifications` row and the `queued` delivery of each task, in chunks."""
+    """The `notifications` row and the `queued` delivery (with its task, as routing stores it) of each task."""
+    codec = serde.AvroSerde()
     with db.connect(settings) as conn, conn.transaction():
         for start in range(0, len(tasks), 5000):
             chunk = tasks[start:start + 5000]
@@ -72,7 +73,8 @@ def seed(settings: Settings, tasks: Sequence[Mapping[str, Any]]) -> None:
                 [t["lane"] for t in chunk], [t["channel"] for t in chunk], [t["created_at"] for t in chunk],
                 [t["expires_at"] for t in chunk]))
             conn.execute(SEED_DELIVERIES, ([t["notification_id"] for t in chunk], [t["channel"] for t in chunk],
-                                           ["queued"] * len(chunk)))
+                                           ["queued"] * len(chunk),
+                                           [codec.encode(serde.DELIVERY_TASK, t) for t in chunk]))
 
 
 def produce(settings: Settings, tasks: Iterable[Mapping[str, Any]]) -> int:

@@ -107,7 +107,7 @@ def rig(settings: Settings) -> Iterator[Rig]:
                                  {"NOTIFY_SIMULATOR_DELIVERY_DELAY_MS": "100"})
     workers = Workers.start(mine, stages=("sender",), env={
         **sim.env, **BREAKER, "NOTIFY_PROVIDER_TIMEOUT_S": "1.5", "NOTIFY_PROVIDER_MAX_CONCURRENCY": "128",
-        "NOTIFY_SENDER_RETRY_DELAY_S": "30", "NOTIFY_SHADOW": "email=mailgun:1", "NOTIFY_LOG_LEVEL": "INFO"})
+        "NOTIFY_SHADOW": "email=mailgun:1", "NOTIFY_LOG_LEVEL": "INFO"})
     made = Rig(mine, sim, workers)
     try:
         # both lanes' groups joined and their connectors warm

@@ -2,9 +2,11 @@
 
 POST /v3/{domain}/messages (basic auth api:<key>; form from, to, subject, text/html, v:<name> user variables)
 answers 200 {"id": "<...@domain>", "message": "Queued. Thank you."}; bad auth is 401 with the text "Forbidden",
-bad input 400 {"message": ...}, an unknown domain 404. GET /v3/{domain}/events?message-id=<id> lists the
-message's events (accepted, then delivered or failed). Webhooks POST JSON {"signature": {timestamp, token,
-signature}, "event-data": {...}} where signature = hex HMAC-SHA256(webhook signing key, timestamp + token).
+bad input 400 {"message": ...}, an unknown domain 404. GET /v3/{domain}/events lists events (accepted, then
+delivered or failed), filtered by message-id and recipient, within begin / end (RFC 2822 dates or epoch seconds),
+in the order `ascending` (yes / no) says, at most `limit` (default 100, at most 300). Webhooks POST JSON
+{"signature": {timestamp, token, signature}, "event-data": {...}} where signature = hex HMAC-SHA256(webhook
+signing key, timestamp + token).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import secrets
 import time
 from datetime import UTC, datetime
-from email.utils import parseaddr
+from email.utils import parseaddr, parsedate_to_datetime
 from typing import Any
 
 from aiohttp import web
@@ -106,15 +108,46 @@ def _events(entry: LedgerEntry, variables: dict[str, str]) -> list[dict[str, Any
     return events
 
 
+def _when(value: str) -> float:
+    """A begin / end value, RFC 2822 or epoch seconds, as epoch seconds; ValueError otherwise."""
+    try:
+        return float(value)
+    except ValueError:
+        when = parsedate_to_datetime(value)  # ValueError when it is not a date either
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _window(query: Any) -> tuple[float, float, bool, int]:
+    """The time range, direction and page size of an events request (Mailgun: begin to end; with begin alone,
+    `ascending` says which way the range runs)."""
+    ascending = query.get("ascending", "no").lower() == "yes"
+    limit = int(query.get("limit", "100"))
+    if not 1 <= limit <= 300:
+        raise ValueError("limit must be between 1 and 300")
+    begin = _when(query["begin"]) if query.get("begin") else None
+    end = _when(query["end"]) if query.get("end") else None
+    if begin is not None and end is None:
+        return (begin, float("inf"), True, limit) if ascending else (float("-inf"), begin, False, limit)
+    low, high = sorted((begin if begin is not None else float("-inf"), end if end is not None else float("inf")))
+    return low, high, ascending, limit
+
+
 async def events(request: web.Request) -> web.Response:
     sim = sim_of(request)
     if await sim.state.draw_fault(P) == "outage":
         return error(503, "Service Unavailable")
     if denied := _denied(request):
         return denied
-    wanted = request.query.get("message-id")
-    items = [event for e in sim.state.query(provider=P, provider_message_id=wanted)
-             for event in _events(e, {"notification_id": e.notification_id} if e.notification_id else {})]
+    try:
+        low, high, ascending, limit = _window(request.query)
+    except ValueError as exc:
+        return error(400, f"Invalid parameter: {exc}")
+    entries = sim.state.query(provider=P, provider_message_id=request.query.get("message-id"),
+                              to=request.query.get("recipient"))
+    items = [event for e in entries
+             for event in _events(e, {"notification_id": e.notification_id} if e.notification_id else {})
+             if low <= event["timestamp"] <= high]
+    items = sorted(items, key=lambda event: event["timestamp"], reverse=not ascending)[:limit]
     base = f"{request.url.with_query(None)}"
     return json_response(200, {"items": items, "paging": {"next": f"{base}/next", "previous": f"{base}/previous",
                                                           "first": base, "last": base}})

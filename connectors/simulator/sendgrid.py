@@ -2,9 +2,11 @@
 
 POST /v3/mail/send (Authorization: Bearer <key>, the Mail JSON) answers 202 with an empty body and the message id
 in X-Message-Id. Errors are {"errors": [{"message", "field", "help"}]}. GET /v3/messages/{msg_id} is the Email
-Activity API (a paid add-on on real SendGrid) giving the message's status. Delivery events are POSTed as a JSON
-array to the event webhook, signed as SendGrid's signed event webhook does: ECDSA P-256 / SHA-256 over
-timestamp + body, base64 DER in X-Twilio-Email-Event-Webhook-Signature, timestamp in
+Activity API (a paid add-on on real SendGrid) giving the message's status; GET /v3/messages?query=...&limit=N is its
+"filter all messages", newest first, with the query language's `field="value"` terms joined by AND (to_email,
+from_email, subject, status, msg_id and unique_args['notification_id'], the one custom arg the ledger keeps).
+Delivery events are POSTed as a JSON array to the event webhook, signed as SendGrid's signed event webhook does:
+ECDSA P-256 / SHA-256 over timestamp + body, base64 DER in X-Twilio-Email-Event-Webhook-Signature, timestamp in
 X-Twilio-Email-Event-Webhook-Timestamp. The simulator's signing key is fixed, so its verification key can be the
 default of NOTIFY_SENDGRID_WEBHOOK_PUBLIC_KEY. Custom args come back as top-level keys of each event.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +37,10 @@ SIGNING_KEY = ec.derive_private_key(
     ec.SECP256R1(),
 )
 HELP = "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html"
+ACTIVITY_STATUS = {"accepted": "processing", "delivered": "delivered", "failed": "not_delivered"}
+# One term of the Email Activity query language: field="value" or unique_args['name']="value".
+QUERY_TERM = re.compile(r"""^\s*(?:(\w+)|unique_args\['([^']+)'\])\s*=\s*"((?:[^"\\]|\\.)*)"\s*$""")
+QUERY_FIELDS = {"to_email": "to", "from_email": "sender", "subject": "subject"}
 
 
 def public_key() -> str:
@@ -126,10 +134,14 @@ async def mail_send(request: web.Request) -> web.Response:
     return web.Response(status=202, headers={"X-Message-Id": message_id})
 
 
+def sg_message_id(entry: LedgerEntry) -> str:
+    """The id SendGrid shows in events and activity: the X-Message-Id, then the filter node that took it."""
+    return f"{entry.provider_message_id}.filterdrecv-7bf5c69d5-sim-1-{int(entry.accepted_at):X}-1.0"
+
+
 def _events(entry: LedgerEntry, custom: dict[str, Any]) -> list[dict[str, Any]]:
-    sg_message_id = f"{entry.provider_message_id}.filterdrecv-7bf5c69d5-sim-1-{int(entry.accepted_at):X}-1.0"
     base = {"email": entry.to, "smtp-id": f"<{entry.provider_message_id}@sim.sendgrid.net>",
-            "sg_message_id": sg_message_id, "category": [], **custom}
+            "sg_message_id": sg_message_id(entry), "category": [], **custom}
     events = [{**base, "event": "processed", "timestamp": int(entry.accepted_at),
                "sg_event_id": secrets.token_urlsafe(16)}]
     if entry.status() == "delivered":
@@ -160,7 +172,7 @@ async def message_activity(request: web.Request) -> web.Response:
     entry = sim.state.find(P, request.match_info["msg_id"])
     if entry is None:
         return error(404, "message not found")
-    status = {"accepted": "processing", "delivered": "delivered", "failed": "not_delivered"}[entry.status()]
+    status = ACTIVITY_STATUS[entry.status()]
     events = [{"event_name": {"processed": "processed", "bounce": "bounced"}.get(e["event"], e["event"]),
                "processed": datetime.fromtimestamp(e["timestamp"], UTC).isoformat(), "reason": e.get("reason")}
               for e in _events(entry, {})]
@@ -170,6 +182,55 @@ async def message_activity(request: web.Request) -> web.Response:
         "last_event_time": events[-1]["processed"], "events": events})
 
 
+def _query_filter(query: str) -> Callable[[LedgerEntry], bool]:
+    """The Email Activity query as a test on ledger entries; ValueError for what the simulator does not read."""
+    tests: list[Callable[[LedgerEntry], bool]] = []
+    for term in filter(None, re.split(r"\s+AND\s+", query.strip())):
+        match = QUERY_TERM.match(term)
+        if match is None:
+            raise ValueError(term)
+        name, arg, value = match.group(1), match.group(2), json.loads(f'"{match.group(3)}"')
+        tests.append(_term_test(name, arg, value))
+    return lambda entry: all(test(entry) for test in tests)
+
+
+def _term_test(name: str | None, arg: str | None, value: str) -> Callable[[LedgerEntry], bool]:
+    if arg is not None:  # the ledger keeps one custom arg: other names match nothing
+        return lambda e: arg == "notification_id" and e.notification_id == value
+    if name == "msg_id":
+        return lambda e: value in (e.provider_message_id, sg_message_id(e))
+    if name == "status":
+        return lambda e: ACTIVITY_STATUS[e.status()] == value
+    if name in QUERY_FIELDS:
+        return lambda e: getattr(e, QUERY_FIELDS[name]) == value
+    raise ValueError(name)
+
+
+def _listed(entry: LedgerEntry) -> dict[str, Any]:
+    last = entry.deliver_at if entry.status() != "accepted" else entry.accepted_at
+    return {"from_email": entry.sender, "msg_id": sg_message_id(entry), "subject": entry.subject,
+            "to_email": entry.to, "status": ACTIVITY_STATUS[entry.status()], "opens_count": 0, "clicks_count": 0,
+            "last_event_time": datetime.fromtimestamp(last, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+async def filter_messages(request: web.Request) -> web.Response:
+    sim = sim_of(request)
+    if await sim.state.draw_fault(P) == "outage":
+        return error(503, "Service Unavailable")
+    if not _authorized(request):
+        return error(401, "The provided authorization grant is invalid, expired, or revoked")
+    try:
+        limit = int(request.query.get("limit", "10"))
+        wanted = _query_filter(request.query.get("query", ""))
+    except ValueError:
+        return error(400, "invalid query", "query")
+    if not 1 <= limit <= 1000:
+        return error(400, "limit must be between 1 and 1000", "limit")
+    entries = [e for e in reversed(sim.state.query(provider=P)) if wanted(e)][:limit]  # newest first
+    return json_response(200, {"messages": [_listed(e) for e in entries]})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/sendgrid/v3/mail/send", mail_send)
+    app.router.add_get("/sendgrid/v3/messages", filter_messages)  # the list; {msg_id} needs one more segment
     app.router.add_get("/sendgrid/v3/messages/{msg_id}", message_activity)

@@ -1,17 +1,22 @@
 """Twilio Programmable Messaging, as the twilio SDK sees it, under /twilio.
 
 POST /2010-04-01/Accounts/{AccountSid}/Messages.json (form: To, From or MessagingServiceSid, Body, StatusCallback)
-answers 201 with the Message resource; GET .../Messages/{Sid}.json fetches it. Basic auth with the account SID and
-auth token. Errors are Twilio's JSON: {"code", "message", "more_info", "status"}. The status callback is the form
-Twilio POSTs to StatusCallback, signed in X-Twilio-Signature (HMAC-SHA1 of the URL and the sorted parameters with
-the auth token: twilio.request_validator.RequestValidator). Our notification id travels in the StatusCallback URL
-(?nid=...), which is how the ledger learns it.
+answers 201 with the Message resource; GET .../Messages/{Sid}.json fetches it; GET .../Messages.json lists them in
+Twilio's page shape, newest first, filtered by To, From and DateSent> (on or after a GMT date YYYY-MM-DD or an
+ISO 8601 time; a message still queued has no date_sent, so it is left out), paged with PageSize (default 50, at
+most 1000) and Page. Basic auth with the account SID and auth token. Errors are Twilio's JSON: {"code", "message",
+"more_info", "status"}. The status callback is the form Twilio POSTs to StatusCallback, signed in
+X-Twilio-Signature (HMAC-SHA1 of the URL and the sorted parameters with the auth token:
+twilio.request_validator.RequestValidator). Our notification id travels in the StatusCallback URL (?nid=...), which
+is how the ledger learns it.
 """
 
 from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -137,6 +142,65 @@ async def fetch_message(request: web.Request) -> web.Response:
     return json_response(200, resource(entry, sim.settings.twilio_account_sid))
 
 
+def _date_bound(value: str) -> datetime:
+    """A DateSent filter value as a UTC time: a GMT date (its midnight) or an ISO 8601 time; ValueError otherwise."""
+    when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _sent_since(query: Any) -> Callable[[LedgerEntry], bool]:
+    """The DateSent> filter of a list request ("DateSent>=YYYY-MM-DD" on the wire), on the date the message was sent.
+    A message still queued has no date_sent, so the filter leaves it out."""
+    bound = _date_bound(query["DateSent>"]) if query.get("DateSent>") else None
+
+    def keep(entry: LedgerEntry) -> bool:
+        if bound is None:
+            return True
+        return entry.status() != "accepted" and datetime.fromtimestamp(entry.deliver_at, UTC) >= bound
+
+    return keep
+
+
+def _page(request: web.Request, entries: list[LedgerEntry], account_sid: str) -> dict[str, Any]:
+    """One page of Twilio's list shape (the SDK follows next_page_uri until it is null)."""
+    size = min(int(request.query.get("PageSize", "50")), 1000)
+    page = int(request.query.get("Page", "0"))
+    if size < 1 or page < 0:
+        raise ValueError("PageSize and Page must be positive")
+    path = request.path.removeprefix("/twilio")
+    filters = {k: v for k, v in request.query.items() if k not in ("Page", "PageSize", "PageToken")}
+
+    def uri(number: int) -> str:
+        return f"{path}?{urlencode({**filters, 'PageSize': size, 'Page': number})}"
+
+    start = page * size
+    shown = entries[start:start + size]
+    more = len(entries) > start + size
+    return {"messages": [resource(e, account_sid) for e in shown], "first_page_uri": uri(0),
+            "next_page_uri": uri(page + 1) if more else None,
+            "previous_page_uri": uri(page - 1) if page > 0 else None, "page": page, "page_size": size,
+            "start": start, "end": start + max(len(shown) - 1, 0), "uri": uri(page)}
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    sim = sim_of(request)
+    fault = await sim.state.draw_fault(P)
+    if fault == "outage":
+        return error(503, 20503, "Service unavailable")
+    if denied := _auth_error(request):
+        return denied
+    try:
+        sent_in_range = _sent_since(request.query)
+        entries = [e for e in sim.state.query(provider=P, to=request.query.get("To"), sender=request.query.get("From"))
+                   if sent_in_range(e)]
+        # Newest first, as Twilio lists them.
+        page = _page(request, sorted(entries, key=lambda e: e.accepted_at, reverse=True),
+                     sim.settings.twilio_account_sid)
+    except ValueError:
+        return error(400, 20001, "Invalid date value.")
+    return json_response(200, page)
+
+
 def status_callback(entry: LedgerEntry, url: str, account_sid: str, auth_token: str) -> tuple[bytes, dict[str, str]]:
     """The form Twilio POSTs to StatusCallback for the message's final status, with its X-Twilio-Signature."""
     status = "delivered" if entry.final_status == "delivered" else "undelivered"
@@ -153,4 +217,5 @@ def status_callback(entry: LedgerEntry, url: str, account_sid: str, auth_token: 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post(f"/twilio/{API}/Accounts/{{account}}/Messages.json", create_message)
+    app.router.add_get(f"/twilio/{API}/Accounts/{{account}}/Messages.json", list_messages)
     app.router.add_get(f"/twilio/{API}/Accounts/{{account}}/Messages/{{sid}}.json", fetch_message)

@@ -3,10 +3,13 @@
 The sender writes a delivery that failed transiently on every provider to the next tier with its due time and
 attempt history in headers (`tier_headers`). Each tier topic holds one delay, so the head of each partition is
 always the next record due there. The releaser (one consumer group per lane, over every tier of the lane) reads a
-partition until it meets a record not yet due, then pauses that partition and seeks back to the record: the
-other partitions and tiers keep flowing, nothing is held in memory, and the paused partition resumes when its
-head comes due. Due records go back to their send topic unchanged (the claim on the `deliveries` row decides
-whether they are sent). Offsets are committed only up to what was forwarded and acknowledged by Kafka.
+partition until it meets a record not yet due, then pauses that partition and keeps what it already fetched of
+it, in order, until the head comes due: the other partitions and tiers keep flowing, and no record is fetched
+twice (a seek back would cost a fetch round trip per wake-up). When the kept records are all released the
+partition resumes; librdkafka resumes fetching after the last record it handed over, so nothing is skipped.
+Due records go back to their send topic unchanged (the claim on the `deliveries` row decides whether they are
+sent). Offsets are committed only up to what was forwarded and acknowledged by Kafka; a rebalance drops what a
+worker kept, and the next owner reads it again from the committed offset.
 
 A record is released at the later of its header due time and its broker timestamp plus the tier's delay: never
 early by either clock. Lateness is bounded by the poll interval (POLL_MAX_S) plus the forwarding time.
@@ -15,6 +18,7 @@ early by either clock. Lateness is bounded by the poll interval (POLL_MAX_S) plu
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import datetime
 import json
@@ -122,7 +126,9 @@ class TierReleaser:
                               f"{len(delays)} delays are configured ({', '.join(f'{d:g}' for d in delays)})")
         self.delays = {settings.topic(name): delay for name, delay in zip(names, delays, strict=True)}
         self.tier_of = {settings.topic(name): str(n) for n, name in enumerate(names, start=1)}
-        self.parked: dict[tuple[str, int], float] = {}  # paused partition -> when its head comes due
+        # paused partition -> its records not yet released, head first, each with its due time
+        self.parked: dict[tuple[str, int], collections.deque[tuple[Record, float | None]]] = {}
+        self._paused: set[tuple[str, int]] = set()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._consumer: Consumer = kafka.consumer(settings, ctx.group_id, **{
@@ -137,25 +143,14 @@ class TierReleaser:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:  # the next owner reads them again from the committed offset
             self.parked.pop((tp.topic, tp.partition), None)
+            self._paused.discard((tp.topic, tp.partition))
         PARKED.labels(self.ctx.lane).set(len(self.parked))
 
     def _timeout(self, now: float) -> float:
-        if not self.parked:
+        heads = [kept[0][1] or now for kept in self.parked.values() if kept]
+        if not heads:
             return POLL_MAX_S
-        return max(0.005, min(POLL_MAX_S, min(self.parked.values()) - now))
-
-    def _park(self, record: Record, due: float) -> None:
-        tp = TopicPartition(record.topic, record.partition, record.offset)
-        self._consumer.pause([tp])
-        self._consumer.seek(tp)  # the head is read again when the partition resumes
-        self.parked[(record.topic, record.partition)] = due
-
-    def _resume_due(self, now: float) -> None:
-        due = [tp for tp, at in self.parked.items() if at <= now]
-        if due:
-            self._consumer.resume([TopicPartition(t, p) for t, p in due])
-            for tp in due:
-                del self.parked[tp]
+        return max(0.005, min(POLL_MAX_S, min(heads) - now))
 
     def _forward(self, record: Record, now: float, due: float | None) -> None:
         send_topic = record.headers.get(HEADER_SEND_TOPIC, b"").decode()
@@ -171,9 +166,8 @@ class TierReleaser:
         RELEASE_LATENESS.labels(self.ctx.lane).observe(max(0.0, now - due))
 
     def _handle(self, messages: list[Message]) -> list[TopicPartition]:
-        """Forward what is due, park partitions whose head is not; the offsets to commit once Kafka acked."""
-        now = time.time()
-        forwarded: dict[tuple[str, int], int] = {}
+        """Keep what was fetched behind each partition's head, forward what is due, pause partitions whose head is
+        not and resume those with nothing kept; the offsets to commit once Kafka acknowledged the forwards."""
         for message in messages:
             error = message.error()
             if error is not None:
@@ -181,15 +175,28 @@ class TierReleaser:
                     log.warning("%s: consumer error %s", self.ctx.group_id, error)
                 continue
             record = Record.of(message)
-            key = (record.topic, record.partition)
-            if key in self.parked:
-                continue  # behind a parked head: read again when the partition resumes
-            due = due_s(record, self.delays.get(record.topic, 0.0))
-            if due is not None and due > now:
-                self._park(record, due)
-                continue
-            self._forward(record, now, due)
-            forwarded[key] = record.offset + 1
+            kept = self.parked.setdefault((record.topic, record.partition), collections.deque())
+            kept.append((record, due_s(record, self.delays.get(record.topic, 0.0))))
+        now = time.time()
+        forwarded: dict[tuple[str, int], int] = {}
+        to_pause, to_resume = [], []
+        for (topic, partition), kept in list(self.parked.items()):
+            while kept and (kept[0][1] is None or kept[0][1] <= now):
+                record, due = kept.popleft()
+                self._forward(record, now, due)
+                forwarded[(topic, partition)] = record.offset + 1
+            if kept and (topic, partition) not in self._paused:
+                to_pause.append(TopicPartition(topic, partition))
+                self._paused.add((topic, partition))
+            elif not kept:
+                del self.parked[(topic, partition)]
+                if (topic, partition) in self._paused:
+                    to_resume.append(TopicPartition(topic, partition))
+                    self._paused.discard((topic, partition))
+        if to_pause:
+            self._consumer.pause(to_pause)
+        if to_resume:
+            self._consumer.resume(to_resume)
         return [TopicPartition(t, p, o) for (t, p), o in forwarded.items()]
 
     def _commit(self, offsets: list[TopicPartition]) -> None:
@@ -212,7 +219,6 @@ class TierReleaser:
                 await self.ctx.settle()  # forwarded records acknowledged before their offsets are committed
                 if offsets:
                     await on_thread(self._commit, offsets)
-                await on_thread(self._resume_due, time.time())
                 PARKED.labels(self.ctx.lane).set(len(self.parked))
         finally:
             self._stopping.set()
