@@ -120,6 +120,9 @@ class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # the twilio SD
         return None
 
 
+FIND_PAGE = 200  # messages to one number a lookup by reference reads (newest first)
+
+
 class TwilioSms(Connector):
     name = NAME
     channel = "sms"
@@ -181,19 +184,25 @@ class TwilioSms(Connector):
         return _delivery_status(message)
 
     async def _find(self, msg: Message, since: datetime) -> Found | None:
-        """Messages to msg.to sent since the day of `since` (Twilio's DateSent filter has a day's grain), matched on
-        the exact body: the Message resource holds none of our reference (the StatusCallback URL is not in it).
+        """The newest message to msg.to created since `since` with exactly msg.body: the Message resource holds
+        none of our reference (the StatusCallback URL is not in it).
 
-        DateSent is only set once Twilio hands the message on: one still in Twilio's queue is not listed yet, so
-        ask after it had time to leave the queue.
+        Filtered by To only, never by DateSent: a message still in Twilio's queue has no date_sent and a DateSent
+        filter would leave it out, so a reconciler would take "queued at Twilio" for "never arrived" and send again.
+        The list is newest first; when a full page is all newer than `since` ours may be further back, so the
+        lookup cannot tell rather than answering "not there".
         """
         start = utc_second(since)
         try:
-            listed = await self.client.messages.list_async(to=msg.to, date_sent_after=start.strftime("%Y-%m-%d"))
+            listed = await self.client.messages.list_async(to=msg.to, limit=FIND_PAGE, page_size=FIND_PAGE)
         except (TwilioException, ValueError, KeyError) as exc:  # non-200 ("Unable to fetch page") or unreadable
             raise ProviderQueryError(f"twilio lookup of {msg.notification_id}: {exc}") from exc
-        matches = [m for m in listed if m.body == msg.body and m.date_created is not None and m.date_created >= start]
+        recent = [m for m in listed if m.date_created is not None and m.date_created >= start]
+        matches = [m for m in recent if m.body == msg.body]
         if not matches:
+            if len(listed) >= FIND_PAGE and len(recent) == len(listed):
+                raise ProviderQueryError(f"twilio lookup of {msg.notification_id}: more than {FIND_PAGE} messages "
+                                         f"to {msg.to} since {start.isoformat()}")
             return None
         newest = max(matches, key=lambda m: m.date_created)
         return Found(str(newest.sid), _delivery_status(newest))

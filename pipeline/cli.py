@@ -180,7 +180,8 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 
     settings = config.settings()
     if args.once:
-        print(json.dumps(asyncio.run(reconcile.reconcile_once(settings)).as_dict()))
+        summary = asyncio.run(reconcile.reconcile_once(settings, args.notification or None))
+        print(json.dumps(summary.as_dict()))
         return 0
     from pipeline import worker
 
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "one round and prints what it did, otherwise a round every NOTIFY_RECONCILE_INTERVAL_S "
                        "(`notify worker --all` runs this loop too; an advisory lock elects one sweeper)")
     p.add_argument("--once", action="store_true")
+    p.add_argument("--notification", action="append", default=[], metavar="ID",
+                   help="with --once: only these notifications (repeatable), e.g. one a user asked about")
     p.set_defaults(func=_cmd_reconcile)
 
     p = sub.add_parser("bench", help="benchmark the stages on topics of their own: `notify bench intake` prints "

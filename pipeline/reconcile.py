@@ -24,7 +24,7 @@ import collections
 import contextlib
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +76,10 @@ def _answer(status: DeliveryStatus) -> recovery.LookupAnswer:
 
 
 class Reconciler:
-    def __init__(self, ctx: StageContext, *, connectors: Mapping[str, Connector] | None = None) -> None:
+    def __init__(self, ctx: StageContext, *, connectors: Mapping[str, Connector] | None = None,
+                 only: Sequence[str] | None = None) -> None:
         self.ctx = ctx
+        self.only = list(only) if only is not None else None  # these notification ids only (ops, tests)
         self.settings = ctx.settings
         self.routing = routing.routing_table(ctx.settings.routing_overrides)
         self.connectors: dict[str, Connector] = dict(connectors or {})
@@ -109,10 +111,14 @@ class Reconciler:
 
     async def _sweep(self, pool: Any) -> Summary:
         summary = Summary()
-        params = {"grace": self.settings.reconcile_lease_grace_s, "unknown": self.settings.reconcile_unknown_after_s,
-                  "receipt": self.settings.reconcile_receipt_timeout_s,
-                  "overdue": self.settings.reconcile_retry_overdue_s}
+        params: dict[str, Any] = {
+            "grace": self.settings.reconcile_lease_grace_s, "unknown": self.settings.reconcile_unknown_after_s,
+            "receipt": self.settings.reconcile_receipt_timeout_s, "overdue": self.settings.reconcile_retry_overdue_s}
+        if self.only is not None:
+            params["only"] = self.only
         for stuck, where in STATES:
+            if self.only is not None:
+                where = f"{where} AND d.notification_id = ANY(%(only)s::uuid[])"
             async with pool.connection() as conn:
                 rows = await deliveries.fetch(conn, f"{where} ORDER BY d.updated_at LIMIT {SWEEP_LIMIT}", params)
             results = await asyncio.gather(*(self._resolve(pool, stuck, row) for row in rows))
@@ -219,14 +225,14 @@ class Reconciler:
             await self.close()
 
 
-def reconciler(settings: Settings) -> Reconciler:
+def reconciler(settings: Settings, only: Sequence[str] | None = None) -> Reconciler:
     return Reconciler(StageContext(settings=settings, stage="reconcile", lane="critical",
-                                   producer=kafka.producer(settings)))
+                                   producer=kafka.producer(settings)), only=only)
 
 
-async def reconcile_once(settings: Settings) -> Summary:
-    """One round (`notify reconcile --once`)."""
-    made = reconciler(settings)
+async def reconcile_once(settings: Settings, only: Sequence[str] | None = None) -> Summary:
+    """One round (`notify reconcile --once [--notification ID ...]`)."""
+    made = reconciler(settings, only)
     try:
         return await made.round()
     finally:

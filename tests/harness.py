@@ -27,8 +27,7 @@ from pipeline.api import create_app
 from pipeline.bench import free_port_block
 from pipeline.client import NotificationProducer
 from pipeline.config import Settings
-from pipeline.domain import Lane
-from pipeline.domain import STAGES
+from pipeline.domain import STAGES, Lane
 from pipeline.worker import metrics_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from pipeline import db
-from pipeline.api import auth, ingest, user_settings
+from pipeline.api import auth, ingest, user_settings, webhooks
 from pipeline.api.openapi import openapi_document
 from pipeline.client import FLUSH_TIMEOUT_S, NotificationProducer
 from pipeline.config import Settings
@@ -91,6 +91,7 @@ def create_app(settings: Settings, *, producer: NotificationProducer | None = No
     auth.setup(app, settings, cache_ttl_s=key_cache_ttl_s)
     ingest.setup(app)
     user_settings.setup(app, settings, outbox)
+    webhooks.setup(app, settings)
     app.router.add_get("/health/live", live)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/metrics", metrics)

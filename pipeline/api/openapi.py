@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of the ingest API, served at GET /openapi.json.
+"""The OpenAPI 3.1 description of the ingest API (and the provider webhooks), served at GET /openapi.json.
 
 Built from the same constants the code validates with (types, channels, limits), so it cannot drift on those.
 """
@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.api.auth import KEY_CACHE_TTL_S
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES
+from pipeline.api.webhooks import RECEIPT_PROVIDERS
 from pipeline.client import MAX_ID_LENGTH, PLATFORMS
 from pipeline.domain import CHANNELS, LANE_OF_TYPE, NOTIFICATION_TYPES
 
@@ -102,6 +103,10 @@ _SCHEMAS: dict[str, Any] = {
     "BatchAccepted": {"type": "object", "required": ["notification_ids"],
                       "properties": {"notification_ids": {"type": "array", "description": "In request order.",
                                                           "items": {"type": "string", "format": "uuid"}}}},
+    "WebhookAccepted": {"type": "object", "required": ["accepted"],
+                        "properties": {"accepted": {"type": "integer", "minimum": 0, "description":
+                                                    "Receipts produced to the receipts topic (0: events we do not "
+                                                    "map)."}}},
     "FieldProblem": {"type": "object", "required": ["field", "problem"],
                      "properties": {"field": _text("e.g. recipient.phone or notifications[2].type"),
                                     "problem": _text("What is wrong, e.g. not E.164.")}},
@@ -222,6 +227,32 @@ def openapi_document() -> dict[str, Any]:
                                         "content": {"application/json": {"schema": _ref("UserSettingsWrite")}}},
                         "responses": {"200": _json("UserSettings", "Stored (new version)."), **_COMMON_ERRORS,
                                       "412": _json("Error", "If-Match does not name the current version.")}},
+            },
+            "/webhooks/{provider}": {
+                "parameters": [{"name": "provider", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": list(RECEIPT_PROVIDERS)}}],
+                "post": {
+                    "operationId": "receiveProviderReceipts", "summary": "A provider's delivery receipts",
+                    "description": "Called by the provider, not by services: the URL is "
+                                   "<NOTIFY_WEBHOOK_BASE_URL>/<provider>, and the provider's signature (Twilio "
+                                   "X-Twilio-Signature, Termii X-Termii-Signature, SendGrid signed event webhook, "
+                                   "Mailgun `signature` in the body) is checked against that public URL plus the "
+                                   "query string. Each receipt is produced to the receipts topic as a "
+                                   "ProviderReceipt before the answer.",
+                    "security": [],
+                    "requestBody": {"required": True, "content": {
+                        "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
+                        "application/json": {"schema": {}}}},
+                    "responses": {
+                        "200": _json("WebhookAccepted", "Kafka acknowledged every receipt (acks=all)."),
+                        "400": _json("Error", "Signed, but not a receipt we can read."),
+                        "403": _json("Error", "Unsigned, forged, or a body too broken to check."),
+                        "404": _json("Error", "A provider without delivery receipts (fcm, apns)."),
+                        "413": _COMMON_ERRORS["413"],
+                        "503": _json("Error", "Kafka did not take the receipts: the provider retries.",
+                                     _RETRY_AFTER),
+                    },
+                },
             },
             "/health/live": {"get": {"operationId": "live", "summary": "The process is up", "security": [],
                                      "responses": {"200": {"description": "Alive."}}}},

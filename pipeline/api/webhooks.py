@@ -1,0 +1,259 @@
+"""Provider webhook receivers: delivery receipts, verified, onto the receipts topic; 200 once Kafka holds them.
+
+POST /webhooks/{provider}   provider: twilio, termii, sendgrid, mailgun   -> 200 {"accepted": n}
+
+`settings.webhook_url(provider)` (<NOTIFY_WEBHOOK_BASE_URL>/<provider>) is the URL the providers call and sign, so
+a deployment sets NOTIFY_WEBHOOK_BASE_URL=https://<public host>/webhooks. The routes need no API key: a request
+is authenticated by the provider's own signature (`Connector.verify_receipt`), checked against that public URL
+plus the request's query string (Twilio signs the full URL, our `?nid=` included); without the setting, against
+the URL the request itself was made to.
+
+403: unsigned, forged, or a body too broken to check. 400: signed, but a receipt we cannot read or encode.
+404: a provider without receipts (fcm, apns). 413: body over MAX_BODY_BYTES. 503 with Retry-After: Kafka did not
+take every receipt (the providers retry on any non-2xx). A request whose events we do not map: 200, accepted 0.
+Each receipt becomes one ProviderReceipt record keyed by our notification id when the receipt carries it,
+otherwise by the provider's message id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NoReturn
+
+from aiohttp import web
+from confluent_kafka import KafkaError, KafkaException, Message
+from prometheus_client import Counter
+
+from connectors.base import Connector, Receipt
+from connectors.factory import create_connector
+from pipeline import kafka, serde, topics
+from pipeline.api import auth
+from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BODY_BYTES, json_error
+from pipeline.client import ACK_GRACE_S, FLUSH_TIMEOUT_S, POLL_INTERVAL_S
+from pipeline.config import PROVIDERS, Settings
+
+log = logging.getLogger(__name__)
+
+RECEIPT_PROVIDERS: Final = ("twilio", "termii", "sendgrid", "mailgun")  # the ReceiptProvider enum
+# Short enough to answer (503) before the providers' own webhook timeouts (10 to 15 s) when Kafka is away.
+DELIVERY_TIMEOUT_S: Final = 5.0
+# Headers that carry the signature; mailgun signs inside the JSON body instead.
+_SIGNATURE_HEADERS: Final[Mapping[str, tuple[str, ...]]] = {
+    "twilio": ("X-Twilio-Signature",), "termii": ("X-Termii-Signature",),
+    "sendgrid": ("X-Twilio-Email-Event-Webhook-Signature", "X-Twilio-Email-Event-Webhook-Timestamp"),
+}
+
+REJECTED = Counter("notify_webhook_rejected_total", "Webhook requests refused, by provider and reason "
+                   "(unsigned, bad_signature, unparsable).", ["provider", "reason"])
+RECEIPTS = Counter("notify_webhook_receipts_total", "Receipts Kafka acknowledged, by provider and mapped status.",
+                   ["provider", "status"])
+
+
+class ReceiptProducer:
+    """Produces records and awaits the broker's acknowledgement of each: a thread polls the client, and every
+    delivery callback hands its result to the waiting event loop (as `pipeline.client.NotificationProducer`)."""
+
+    def __init__(self, settings: Settings, *, delivery_timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
+        timeout_ms = int(delivery_timeout_s * 1000)
+        self.delivery_timeout_s = delivery_timeout_s
+        self._producer = kafka.producer(settings, **{
+            "delivery.timeout.ms": timeout_ms,
+            "request.timeout.ms": min(timeout_ms, kafka.PRODUCER_DEFAULTS["request.timeout.ms"]),
+            "socket.connection.setup.timeout.ms": min(timeout_ms, 10_000),
+        })
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="notify-webhook-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(POLL_INTERVAL_S)  # serves the delivery callbacks in this thread
+
+    async def produce(self, records: Sequence[tuple[str, bytes, bytes]]) -> str | None:
+        """Produce (topic, key, value) records and await every acknowledgement (bounded): None when Kafka took
+        them all, otherwise why not."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[KafkaError | None]] = []
+
+        def settle(future: asyncio.Future[KafkaError | None], error: KafkaError | None) -> None:
+            if not future.done():
+                future.set_result(error)
+
+        for topic, key, value in records:
+            future: asyncio.Future[KafkaError | None] = loop.create_future()
+
+            def on_delivery(error: KafkaError | None, _message: Message,
+                            future: asyncio.Future[KafkaError | None] = future) -> None:  # in the polling thread
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                    loop.call_soon_threadsafe(settle, future, error)
+
+            try:
+                self._producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+            except BufferError:
+                return "the producer's queue is full"
+            except KafkaException as exc:
+                return str(exc.args[0])
+            futures.append(future)
+        if not futures:
+            return None
+        _, pending = await asyncio.wait(futures, timeout=self.delivery_timeout_s + ACK_GRACE_S)
+        if pending:
+            return f"no acknowledgement within {self.delivery_timeout_s + ACK_GRACE_S:.0f} s"
+        errors = [error for error in (f.result() for f in futures) if error is not None]
+        return errors[0].str() if errors else None
+
+    def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Flush what is queued (bounded) and release the client; how many records were not acknowledged."""
+        remaining = int(self._producer.flush(timeout_s))
+        self._stop.set()
+        self._poller.join(timeout=POLL_INTERVAL_S * 10)
+        if remaining:
+            self._producer.purge()
+        self._producer.close()
+        return remaining
+
+
+@dataclass
+class WebhookState:
+    """What the handler shares; the connectors and the producer exist while the app runs.
+    `delivery_timeout_s` applies to the producer made at startup."""
+
+    settings: Settings
+    delivery_timeout_s: float = DELIVERY_TIMEOUT_S
+    connectors: dict[str, Connector] = field(default_factory=dict)
+    producer: ReceiptProducer | None = None
+    codec: serde.AvroSerde | None = None
+
+
+WEBHOOKS = web.AppKey("notify.webhooks", WebhookState)
+
+
+def public_url(settings: Settings, provider: str, request: web.Request) -> str:
+    """The URL the provider called and signed: the configured public URL with the request's query string, or
+    (without NOTIFY_WEBHOOK_BASE_URL) the URL the request was made to. Both exactly as sent (raw)."""
+    base = settings.webhook_url(provider)
+    if base is None:
+        return f"{request.scheme}://{request.host}{request.raw_path}"
+    query = request.rel_url.raw_query_string
+    return f"{base}?{query}" if query else base
+
+
+def _reject(provider: str, reason: str, message: str, status: type[web.HTTPException] = web.HTTPForbidden
+            ) -> NoReturn:
+    REJECTED.labels(provider, reason).inc()
+    json_error(status, message)
+
+
+def _signed(provider: str, body: bytes, headers: Mapping[str, str]) -> bool:
+    """Whether the request carries a signature at all (ValueError: the body cannot even be read for one)."""
+    if provider == "mailgun":
+        payload = json.loads(body)
+        signature = payload.get("signature") if isinstance(payload, dict) else None
+        return isinstance(signature, dict) and bool(signature.get("signature"))
+    return all(headers.get(name) for name in _SIGNATURE_HEADERS[provider])
+
+
+async def _read_body(request: web.Request) -> bytes:
+    too_large = {"error": f"body larger than {MAX_BODY_BYTES} bytes", "max_size": MAX_BODY_BYTES}
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length,
+                                            text=json.dumps(too_large), content_type="application/json")
+    try:
+        return await request.read()  # aiohttp stops reading at the app's client_max_size
+    except web.HTTPRequestEntityTooLarge:  # chunked, without Content-Length
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=MAX_BODY_BYTES + 1,
+                                            text=json.dumps(too_large), content_type="application/json") from None
+
+
+def _record(settings: Settings, codec: serde.AvroSerde, receipt: Receipt, received_at: datetime.datetime
+            ) -> tuple[str, bytes, bytes]:
+    """(topic, key, value) of one receipt; serde.EncodeError when it does not fit the schema."""
+    notification_id = None
+    if receipt.notification_id:
+        try:
+            notification_id = uuid.UUID(receipt.notification_id)
+        except ValueError:  # not one of ours: found through provider_message_id instead
+            log.warning("%s receipt for %s names notification id %r, not a UUID: ignored", receipt.provider,
+                        receipt.provider_message_id, receipt.notification_id)
+    value: dict[str, Any] = {
+        "provider": receipt.provider, "provider_message_id": receipt.provider_message_id,
+        "notification_id": notification_id, "status": receipt.status, "raw_status": receipt.raw_status,
+        "error_code": receipt.error_code, "error_message": receipt.error_message,
+        "occurred_at": receipt.occurred_at, "received_at": received_at,
+    }
+    key = str(notification_id) if notification_id else receipt.provider_message_id
+    return (settings.topic(topics.RECEIPTS), key.encode("utf-8"),
+            codec.encode(serde.PROVIDER_RECEIPT, value))
+
+
+async def receive(request: web.Request) -> web.Response:
+    provider = request.match_info["provider"]
+    if provider not in RECEIPT_PROVIDERS:
+        json_error(web.HTTPNotFound, f"no webhook for {provider!r}: receipts come from "
+                   f"{', '.join(RECEIPT_PROVIDERS)}")
+    state = request.app[WEBHOOKS]
+    connector, producer, codec = state.connectors.get(provider), state.producer, state.codec
+    if connector is None or producer is None or codec is None:  # only while starting or stopping
+        json_error(web.HTTPServiceUnavailable, "the API is not ready",
+                   headers={"Retry-After": str(KAFKA_RETRY_AFTER_S)})
+    body = await _read_body(request)
+    url, headers = public_url(state.settings, provider, request), request.headers
+    try:
+        signed = _signed(provider, body, headers)
+        valid = signed and connector.verify_receipt(url, body, headers)
+    except ValueError as exc:  # not JSON, not UTF-8, ...: nothing a provider would sign
+        _reject(provider, "unparsable", f"cannot read the body to check its signature: {exc}")
+    if not signed:
+        _reject(provider, "unsigned", f"no {provider} signature")
+    if not valid:
+        _reject(provider, "bad_signature", f"the {provider} signature does not match {url}")
+    received_at = datetime.datetime.now(datetime.UTC)
+    try:
+        receipts = connector.parse_receipt(url, body, headers)
+        records = [_record(state.settings, codec, receipt, received_at) for receipt in receipts]
+    except (ValueError, TypeError, AttributeError, KeyError, serde.EncodeError) as exc:
+        # Not the body itself in the log: receipts carry phone numbers and addresses.
+        log.error("signed %s webhook of %d bytes we cannot read: %s", provider, len(body), exc)
+        _reject(provider, "unparsable", f"signed, but not a {provider} receipt we can read: {exc}",
+                web.HTTPBadRequest)
+    error = await producer.produce(records)
+    if error is not None:
+        log.warning("%d %s receipt(s) not produced: %s", len(records), provider, error)
+        json_error(web.HTTPServiceUnavailable, f"Kafka did not take the receipts: {error}",
+                   headers={"Retry-After": str(KAFKA_RETRY_AFTER_S)})
+    for receipt in receipts:
+        RECEIPTS.labels(provider, receipt.status).inc()
+    return web.json_response({"accepted": len(receipts)})
+
+
+def setup(app: web.Application, settings: Settings) -> None:
+    """Add the webhook routes (public: call after auth.setup); the connectors and the receipts producer are made
+    when the app starts, and flushed and closed when it stops."""
+    app[WEBHOOKS] = WebhookState(settings)
+    # Every provider name, so that fcm and apns get their 404 without a key.
+    app[auth.PUBLIC_PATHS].update(f"/webhooks/{provider}" for provider in PROVIDERS)
+    app.router.add_post("/webhooks/{provider}", receive)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        state = app[WEBHOOKS]
+        state.codec = serde.serde(state.settings)
+        state.connectors = {p: create_connector(p, state.settings) for p in RECEIPT_PROVIDERS}
+        state.producer = ReceiptProducer(state.settings, delivery_timeout_s=state.delivery_timeout_s)
+        yield
+        owned, state.producer = state.producer, None  # new requests get 503 from here on
+        connectors, state.connectors = state.connectors, {}
+        remaining = await asyncio.to_thread(owned.close)
+        if remaining:
+            log.error("receipts producer closed with %d record(s) unacknowledged", remaining)
+        for connector in connectors.values():
+            await connector.close()
+
+    app.cleanup_ctx.append(lifecycle)
