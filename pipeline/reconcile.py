@@ -44,7 +44,9 @@ log = logging.getLogger("notify.reconcile")
 
 LOCK_KEY = 0x6E6F7469667972  # pg advisory lock id of the reconciler ("notifyr")
 SWEEP_LIMIT = 500  # rows per state and round: a round stays bounded however much is stuck
-LOOKBACK = datetime.timedelta(minutes=2)  # a lookup by reference searches from a little before the claim
+# A lookup by reference matches recipient and content from a little before the claim (clock skew, the providers'
+# one-second grain): wide enough to find ours, narrow enough not to take an earlier identical message for it.
+LOOKBACK = datetime.timedelta(seconds=10)
 
 RESOLVED = Counter("notify_reconcile_resolved_total", "Stuck deliveries the reconciler resolved, by action.",
                    ["stuck", "action"])
@@ -111,6 +113,7 @@ class Reconciler:
 
     async def _sweep(self, pool: Any) -> Summary:
         summary = Summary()
+        done: set[tuple[str, str]] = set()
         params: dict[str, Any] = {
             "grace": self.settings.reconcile_lease_grace_s, "unknown": self.settings.reconcile_unknown_after_s,
             "receipt": self.settings.reconcile_receipt_timeout_s, "overdue": self.settings.reconcile_retry_overdue_s}
@@ -121,6 +124,8 @@ class Reconciler:
                 where = f"{where} AND d.notification_id = ANY(%(only)s::uuid[])"
             async with pool.connection() as conn:
                 rows = await deliveries.fetch(conn, f"{where} ORDER BY d.updated_at LIMIT {SWEEP_LIMIT}", params)
+            rows = [r for r in rows if (r.notification_id, r.channel) not in done]  # once per round
+            done.update((r.notification_id, r.channel) for r in rows)
             results = await asyncio.gather(*(self._resolve(pool, stuck, row) for row in rows))
             for action in results:
                 summary.actions[f"{stuck}:{action}"] += 1

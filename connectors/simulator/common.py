@@ -47,8 +47,8 @@ class Simulator:
 
     def schedule_callback(self, entry: LedgerEntry, url: str | None, build: CallbackBuilder) -> None:
         """POST the provider's delivery receipt to `url` once the message is delivered (nothing when url is None)."""
-        if not url:
-            return
+        if not url or self.state.rng.random() < self.state.faults[entry.provider].lost_receipts:
+            return  # a receipt that never comes: only the status API tells (reconciliation's case)
         entry.callback_url = url
         task = asyncio.create_task(self._deliver(entry, url, build))
         self.tasks.add(task)

@@ -10,6 +10,7 @@ Faults (POST /_admin/providers/{name}, any subset of the keys; `error_rates` is 
      "accept_then_hang": 1.0,                                    # share accepted, recorded, then never answered
      "undelivered_rate": 0.0,                                    # share of accepted messages that fail delivery
      "delivery_delay_ms": 500,                                   # accepted -> delivered (status API, callback)
+     "lost_receipts": 0.0,                                       # share of receipts never posted (status API only)
      "webhook_url": "http://..."}                                # receipts of this provider (null: none)
 
 A request meets at most one fault, drawn after the latency in this order: outage, rate limit, then one draw over
@@ -48,6 +49,7 @@ class FaultConfig:
     outage_until: float = 0.0  # time.monotonic(); set through "outage_s"
     accept_then_hang: float = 0.0
     undelivered_rate: float = 0.0
+    lost_receipts: float = 0.0
     delivery_delay_ms: float = 500.0
     webhook_url: str | None = None
 
@@ -65,7 +67,7 @@ class FaultConfig:
         for key in ("latency_ms", "jitter_ms", "retry_after_s", "delivery_delay_ms"):
             if key in values:
                 values[key] = _number(values[key], key)
-        for key in ("accept_then_hang", "undelivered_rate"):
+        for key in ("accept_then_hang", "undelivered_rate", "lost_receipts"):
             if key in values:
                 values[key] = _rate(values[key], key)
         if "error_rates" in values:

@@ -1,0 +1,136 @@
+"""The whole after-send loop as processes: simulator -> receipts webhooks on the API -> workers (sender, retry,
+receipts). Shared by the recovery, replay and chaos tests; the simulator's ledger is the ground truth."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from harness import TopicReader
+
+from pipeline import config, db, kafka, serde, topics
+from pipeline.bench import Workers, free_port_block
+from pipeline.bench_send import SimulatorProcess, produce, seed, wait_states
+from pipeline.config import REPO_ROOT, Settings
+from pipeline.reconcile import reconcile_once
+
+LOOP_STAGES = ("sender", "retry", "receipts")
+# Short tiers, a short lease, breakers out of the way (tests fail providers on purpose), quick provider timeouts.
+LOOP_ENV = {"NOTIFY_RETRY_DELAYS_CRITICAL": "1,2,3", "NOTIFY_RETRY_DELAYS_BULK": "1,2,3",
+            "NOTIFY_SENDER_LEASE_S": "5", "NOTIFY_BREAKER_MIN_CALLS": "100000", "NOTIFY_PROVIDER_TIMEOUT_S": "1.5",
+            "NOTIFY_PROVIDER_MAX_CONCURRENCY": "128", "NOTIFY_LOG_LEVEL": "INFO"}
+FINAL = ("delivered", "failed", "dead_lettered", "expired", "suppressed")
+
+
+@dataclasses.dataclass
+class LoopRig:
+    settings: Settings
+    sim: SimulatorProcess
+    api: subprocess.Popen[bytes]
+    workers: Workers
+    env: dict[str, str]
+    events: TopicReader
+
+    # ------------------------------------------------------------------ driving
+    def run(self, tasks: Sequence[dict[str, Any]]) -> list[str]:
+        seed(self.settings, tasks)
+        produce(self.settings, tasks)
+        return [t["notification_id"] for t in tasks]
+
+    def wait(self, ids: Sequence[str], done: Sequence[str] = ("delivered",), timeout_s: float = 60) -> dict[str, str]:
+        seen = wait_states(self.settings, ids, done, timeout_s)
+        assert set(seen.values()) <= set(done), collections.Counter(seen.values())
+        return seen
+
+    def restart_workers(self, stages: Sequence[str] = LOOP_STAGES) -> None:
+        self.workers.stop()
+        self.workers = Workers.start(self.settings, stages=stages, env=self.env)
+
+    def reconcile(self, ids: Sequence[str], **thresholds: float) -> dict[str, Any]:
+        """One reconciliation round over `ids`, thresholds zero unless given."""
+        as_workers = config.load({**os.environ, **self.env, "NOTIFY_TOPIC_PREFIX": self.settings.topic_prefix})
+        mine = dataclasses.replace(as_workers, **{
+            "reconcile_lease_grace_s": 0.0, "reconcile_unknown_after_s": 0.0, "reconcile_receipt_timeout_s": 0.0,
+            "reconcile_retry_overdue_s": 0.0, **thresholds})
+        return asyncio.run(reconcile_once(mine, list(ids))).as_dict()
+
+    # ------------------------------------------------------------------ looking
+    def rows(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with db.connect(self.settings) as conn:
+            cursor = conn.execute(
+                "SELECT notification_id::text, state, provider, provider_message_id, attempt_count, retry_tier, "
+                "fallback_from, last_error_code FROM deliveries WHERE notification_id = ANY(%s)", (list(ids),))
+            names = [c.name for c in cursor.description or []]
+            return {r[0]: dict(zip(names, r, strict=True)) for r in cursor.fetchall()}
+
+    def attempts(self, ids: Sequence[str]) -> list[tuple[str, int, str, str]]:
+        with db.connect(self.settings) as conn:
+            rows = conn.execute(
+                "SELECT notification_id::text, attempt_no, provider, outcome FROM notification_attempts "
+                "WHERE notification_id = ANY(%s) ORDER BY attempt_id", (list(ids),)).fetchall()
+        return [(str(a), int(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def ledger_of(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        mine = set(ids)
+        return [e for e in self.sim.ledger() if e["notification_id"] in mine]
+
+    def statuses(self, nid: str) -> list[str]:
+        codec = serde.AvroSerde()
+        decoded = (codec.decode(m.value(), expected=serde.DELIVERY_EVENT).value for m in self.events.snapshot())
+        return [e["status"] for e in decoded if str(e["notification_id"]) == nid]
+
+    def worker_metric(self, stage: str, lane: str, line_start: str) -> float:
+        from pipeline.worker import metrics_port
+
+        port = metrics_port(self.settings, stage, lane)  # type: ignore[arg-type]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(line_start))
+
+
+def start_loop(settings: Settings, name: str) -> Iterator[LoopRig]:
+    prefix = f"{name}{uuid.uuid4().hex[:8]}."
+    api_port = free_port_block(1)
+    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
+    topics.apply(mine)
+    webhooks = f"http://127.0.0.1:{api_port}/webhooks"
+    sim = SimulatorProcess.start(mine, mine.stack_dir / f"{name}-sim-{prefix.strip('.')}.log",
+                                 {"NOTIFY_WEBHOOK_BASE_URL": webhooks})
+    env = {**sim.env, **LOOP_ENV, "NOTIFY_WEBHOOK_BASE_URL": webhooks}
+    api_log = (mine.stack_dir / f"{name}-api-{prefix.strip('.')}.log").open("wb")
+    api = subprocess.Popen([sys.executable, "-m", "pipeline", "api", "--port", str(api_port)],
+                           env={**os.environ, **env, "NOTIFY_TOPIC_PREFIX": prefix,
+                                "NOTIFY_METRICS_PORT": str(free_port_block(1))},
+                           cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers = Workers.start(mine, stages=LOOP_STAGES, env=env)
+    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{api_port}/health/live", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and api.poll() is None, "the API did not start"
+                time.sleep(0.2)
+        yield rig
+    finally:
+        rig.events.close()
+        rig.workers.stop()
+        os.killpg(api.pid, signal.SIGTERM)
+        try:
+            api.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(api.pid, signal.SIGKILL)
+        api_log.close()
+        sim.stop()
+        kafka.delete_prefixed(mine, groups=True)
