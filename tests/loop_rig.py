@@ -59,9 +59,9 @@ class LoopRig:
     def reconcile(self, ids: Sequence[str], **thresholds: float) -> dict[str, Any]:
         """One reconciliation round over `ids`, thresholds zero unless given."""
         as_workers = config.load({**os.environ, **self.env, "NOTIFY_TOPIC_PREFIX": self.settings.topic_prefix})
-        mine = dataclasses.replace(as_workers, **{
-            "reconcile_lease_grace_s": 0.0, "reconcile_unknown_after_s": 0.0, "reconcile_receipt_timeout_s": 0.0,
-            "reconcile_retry_overdue_s": 0.0, **thresholds})
+        zero: dict[str, Any] = {"reconcile_lease_grace_s": 0.0, "reconcile_unknown_after_s": 0.0,
+                                "reconcile_receipt_timeout_s": 0.0, "reconcile_retry_overdue_s": 0.0}
+        mine = dataclasses.replace(as_workers, **{**zero, **thresholds})
         return asyncio.run(reconcile_once(mine, list(ids))).as_dict()
 
     # ------------------------------------------------------------------ looking
