@@ -280,9 +280,12 @@ class Connector(ABC):
             except TRANSPORT_ERRORS as exc:
                 raise ProviderQueryError(f"{self.name} status of {provider_message_id}: {exc!r}") from exc
 
-    async def find(self, msg: Message, since: datetime) -> Found | None:
-        """The provider's record of `msg` (same notification id / recipient / body) sent at or after `since`;
-        None when the provider has no such message (it never arrived); ProviderQueryError when it cannot tell.
+    async def find(self, msg: Message, since: datetime, until: datetime | None = None) -> list[Found]:
+        """The provider's records that match `msg` (same notification id, or same recipient and body where the
+        provider keeps no reference of ours) sent at or after `since`, newest first; [] when the provider has no
+        such message (it never arrived); ProviderQueryError when it cannot tell. Content matches can be another
+        notification's identical message: the caller bounds the window (`until`: when our send could last have
+        left) and skips candidates already recorded for another delivery.
 
         For reconciling a send that got no answer (accept-then-hang, a worker that died mid-send): there is no
         provider message id to ask `status` about. Providers stamp their records to the second, so `since` counts
@@ -290,11 +293,11 @@ class Connector(ABC):
         """
         async with self._slots:
             try:
-                return await self._find(msg, since)
+                return await self._find(msg, since, until)
             except TRANSPORT_ERRORS as exc:
                 raise ProviderQueryError(f"{self.name} lookup of {msg.notification_id}: {exc!r}") from exc
 
-    async def _find(self, msg: Message, since: datetime) -> Found | None:
+    async def _find(self, msg: Message, since: datetime, until: datetime | None) -> list[Found]:
         raise ProviderQueryError(f"{self.name} has no lookup by reference")
 
     async def close(self) -> None:

@@ -134,7 +134,7 @@ class MailgunEmail(Connector):
                                        {"message-id": provider_message_id})
         return delivery_status(events)
 
-    async def _find(self, msg: Message, since: datetime) -> Found | None:
+    async def _find(self, msg: Message, since: datetime, until: datetime | None) -> list[Found]:
         """The recipient's events since `since` (one page), matched on our v:notification_id user variable."""
         what = f"mailgun lookup of {msg.notification_id}"
         params = {"recipient": msg.to, "begin": str(int(utc_second(since).timestamp())), "ascending": "yes",
@@ -146,9 +146,9 @@ class MailgunEmail(Connector):
         if not ours:
             if len(events) >= EVENTS_LIMIT:  # a full page: ours may be on the next one
                 raise ProviderQueryError(f"{what}: {EVENTS_LIMIT}+ events since {since.isoformat()}, none ours")
-            return None
-        newest = max(ours, key=lambda mid: _stamp(ours[mid][0]))  # the send whose first event is the latest
-        return Found(newest, delivery_status(ours[newest]))
+            return []
+        newest_first = sorted(ours, key=lambda mid: _stamp(ours[mid][0]), reverse=True)  # by each send's first event
+        return [Found(mid, delivery_status(ours[mid])) for mid in newest_first]
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         try:

@@ -145,7 +145,7 @@ class SendGridEmail(Connector):
         raw = str(json_object(text).get("status", ""))
         return DeliveryStatus(STATES.get(raw, "pending"), raw)
 
-    async def _find(self, msg: Message, since: datetime) -> Found | None:
+    async def _find(self, msg: Message, since: datetime, until: datetime | None) -> list[Found]:
         """Email Activity's "filter all messages" by our custom arg (unique_args in its query language)."""
         what = f"sendgrid lookup of {msg.notification_id}"
         query = f"unique_args['{REFERENCE_ARG}']={json.dumps(msg.notification_id)}"
@@ -157,12 +157,10 @@ class SendGridEmail(Connector):
             raise ProviderQueryError(f"{what}: HTTP {status} {text[:200]}")
         items = json_object(text).get("messages")
         matches = [m for m in items or [] if isinstance(m, dict) and m.get("msg_id") and _active_since(m, since)]
-        if not matches:
-            return None
-        newest = max(matches, key=lambda m: str(m.get("last_event_time")))
-        raw = str(newest.get("status", ""))
+        matches.sort(key=lambda m: str(m.get("last_event_time")), reverse=True)
         # msg_id may carry the filter node suffix (".filter..."); our id is the X-Message-Id before it.
-        return Found(str(newest["msg_id"]).split(".", 1)[0], DeliveryStatus(STATES.get(raw, "pending"), raw))
+        return [Found(str(m["msg_id"]).split(".", 1)[0], DeliveryStatus(STATES.get(str(m.get("status", "")), "pending"),
+                                                                          str(m.get("status", "")))) for m in matches]
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         signature = header(headers, "X-Twilio-Email-Event-Webhook-Signature")

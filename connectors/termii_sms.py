@@ -130,7 +130,7 @@ class TermiiSms(Connector):
         raw = str(match[0].get("status", ""))
         return DeliveryStatus(delivery_state(raw), raw)
 
-    async def _find(self, msg: Message, since: datetime) -> Found | None:
+    async def _find(self, msg: Message, since: datetime, until: datetime | None) -> list[Found]:
         """The whole history, matched on receiver and exact text: Termii keeps no reference of ours."""
         what = f"termii lookup of {msg.notification_id}"
         status, items = await self._history(what)
@@ -138,12 +138,10 @@ class TermiiSms(Connector):
             raise ProviderQueryError(f"{what}: HTTP {status}")
         start, receiver = utc_second(since), msg.to.lstrip("+")
         matches = [i for i in items if str(i.get("receiver")) == receiver and i.get("message") == msg.body
-                   and _created_since(i, start)]
-        if not matches:
-            return None
-        newest = max(matches, key=lambda i: str(i.get("created_at")))  # "YYYY-MM-DD HH:MM:SS" sorts as text
-        raw = str(newest.get("status", ""))
-        return Found(str(newest.get("message_id")), DeliveryStatus(delivery_state(raw), raw))
+                   and _created_since(i, start) and (until is None or not _created_since(i, until))]
+        matches.sort(key=lambda i: str(i.get("created_at")), reverse=True)  # "YYYY-MM-DD HH:MM:SS" sorts as text
+        return [Found(str(i.get("message_id")), DeliveryStatus(delivery_state(str(i.get("status", ""))),
+                                                                str(i.get("status", "")))) for i in matches]
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         signature = header(headers, "X-Termii-Signature")

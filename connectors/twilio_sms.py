@@ -183,7 +183,7 @@ class TwilioSms(Connector):
             raise ProviderQueryError(f"twilio status of {provider_message_id}: HTTP {exc.status} {exc.msg}") from exc
         return _delivery_status(message)
 
-    async def _find(self, msg: Message, since: datetime) -> Found | None:
+    async def _find(self, msg: Message, since: datetime, until: datetime | None) -> list[Found]:
         """The newest message to msg.to created since `since` with exactly msg.body: the Message resource holds
         none of our reference (the StatusCallback URL is not in it).
 
@@ -198,14 +198,14 @@ class TwilioSms(Connector):
         except (TwilioException, ValueError, KeyError) as exc:  # non-200 ("Unable to fetch page") or unreadable
             raise ProviderQueryError(f"twilio lookup of {msg.notification_id}: {exc}") from exc
         recent = [m for m in listed if m.date_created is not None and m.date_created >= start]
-        matches = [m for m in recent if m.body == msg.body]
+        matches = [m for m in recent if m.body == msg.body and (until is None or m.date_created <= until)]
         if not matches:
             if len(listed) >= FIND_PAGE and len(recent) == len(listed):
                 raise ProviderQueryError(f"twilio lookup of {msg.notification_id}: more than {FIND_PAGE} messages "
                                          f"to {msg.to} since {start.isoformat()}")
-            return None
-        newest = max(matches, key=lambda m: m.date_created)
-        return Found(str(newest.sid), _delivery_status(newest))
+            return []
+        matches.sort(key=lambda m: m.date_created, reverse=True)
+        return [Found(str(m.sid), _delivery_status(m)) for m in matches]
 
     def verify_receipt(self, url: str, body: bytes, headers: Mapping[str, str]) -> bool:
         signature = header(headers, "X-Twilio-Signature")

@@ -20,7 +20,7 @@ from pipeline.stages.runtime import StageContext
 SELECT = """
 SELECT d.notification_id::text, d.channel, d.state, d.provider, d.provider_message_id, d.fallback_from, d.task,
        d.attempt_count, d.updated_at, d.claimed_at, d.accepted_at, n.user_id, n.notification_type, n.lane,
-       n.created_at, n.correlation_id
+       n.created_at, n.correlation_id, d.lease_expires_at
 FROM deliveries d JOIN notifications n USING (notification_id)
 """
 # `was` and `seen` are the state and updated_at the caller decided from.
@@ -61,6 +61,7 @@ class DeliveryRow:
     lane: str
     created_at: datetime.datetime
     correlation_id: str | None
+    lease_expires_at: datetime.datetime | None
 
     @property
     def view(self) -> DeliveryView:

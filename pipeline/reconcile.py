@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from connectors.base import Connector, DeliveryStatus, ProviderQueryError
+from connectors.base import Connector, DeliveryStatus, Found, ProviderQueryError
 from connectors.factory import create_connector
 from pipeline import db, deliveries, kafka, serde
 from pipeline.config import Settings
@@ -86,6 +86,7 @@ class Reconciler:
         self.routing = routing.routing_table(ctx.settings.routing_overrides)
         self.connectors: dict[str, Connector] = dict(connectors or {})
         self._stopping = asyncio.Event()
+        self.taken: set[str] = set()  # provider ids this round matched to a row (before it is written)
 
     def connector(self, provider: str) -> Connector:
         if provider not in self.connectors:
@@ -114,6 +115,7 @@ class Reconciler:
     async def _sweep(self, pool: Any) -> Summary:
         summary = Summary()
         done: set[tuple[str, str]] = set()
+        self.taken = set()
         params: dict[str, Any] = {
             "grace": self.settings.reconcile_lease_grace_s, "unknown": self.settings.reconcile_unknown_after_s,
             "receipt": self.settings.reconcile_receipt_timeout_s, "overdue": self.settings.reconcile_retry_overdue_s}
@@ -159,28 +161,49 @@ class Reconciler:
             return (row.provider, row.provider_message_id), _answer(status)
         if row.task is None:
             return None, "cannot_tell"
-        return await self._find(row)
+        return await self._find(row, stuck)
 
-    async def _find(self, row: deliveries.DeliveryRow) -> tuple[tuple[str, str] | None, recovery.LookupAnswer]:
+    async def _find(self, row: deliveries.DeliveryRow, stuck: str
+                    ) -> tuple[tuple[str, str] | None, recovery.LookupAnswer]:
         task = self.ctx.codec.decode(row.task or b"", expected=serde.DELIVERY_TASK).value
         try:
             messages = messages_of(task, render(task))
         except TemplateError:
             return None, "cannot_tell"
         since = (row.claimed_at or row.updated_at) - LOOKBACK
+        # our send left while the claim was held: before the lease ran out, or before `unknown` was recorded
+        until = (row.lease_expires_at if stuck == "sending" and row.lease_expires_at else row.updated_at) + LOOKBACK
         order = self.routing.order(row.channel, row.lane, task.get("address") if row.channel == "sms" else None)
         unsure = False
         for message, _platform in messages[:1]:  # push (several devices) cannot be looked up anyway
             for provider in order:
                 try:
-                    found = await self.connector(provider).find(message, since)
+                    found = await self.connector(provider).find(message, since, until)
                 except ProviderQueryError as exc:
                     log.info("%s at %s: %s", row.notification_id, provider, exc)
                     unsure = True
                     continue
-                if found is not None:
-                    return (provider, found.provider_message_id), _answer(found.status)
+                mine = await self._unclaimed(provider, found)
+                if mine is not None:
+                    return (provider, mine.provider_message_id), _answer(mine.status)
         return None, "cannot_tell" if unsure or not messages else "not_found"
+
+    async def _unclaimed(self, provider: str, found: Sequence[Found]) -> Found | None:
+        """The newest candidate no other delivery holds: a content match (Twilio, Termii) can be another
+        notification's identical message to the same recipient, which must not be taken for ours."""
+        if not found:
+            return None
+        pool = await db.async_pool(self.settings)
+        async with pool.connection() as conn:
+            rows = await (await conn.execute(
+                "SELECT provider_message_id FROM deliveries WHERE provider = %s AND provider_message_id = ANY(%s)",
+                (provider, [f.provider_message_id for f in found]))).fetchall()
+        held = {r[0] for r in rows} | self.taken
+        for candidate in found:
+            if candidate.provider_message_id not in held:
+                self.taken.add(candidate.provider_message_id)  # this round's other lookups skip it too
+                return candidate
+        return None
 
     async def _apply(self, pool: Any, stuck: str, row: deliveries.DeliveryRow, step: recovery.ReconcileStep,
                      found: tuple[str, str] | None) -> str:

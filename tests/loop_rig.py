@@ -40,6 +40,7 @@ class LoopRig:
     workers: Workers
     env: dict[str, str]
     events: TopicReader
+    stages: Sequence[str] = LOOP_STAGES
 
     # ------------------------------------------------------------------ driving
     def run(self, tasks: Sequence[dict[str, Any]]) -> list[str]:
@@ -52,9 +53,8 @@ class LoopRig:
         assert set(seen.values()) <= set(done), collections.Counter(seen.values())
         return seen
 
-    def restart_workers(self, stages: Sequence[str] = LOOP_STAGES) -> None:
-        self.workers.stop()
-        self.workers = Workers.start(self.settings, stages=stages, env=self.env)
+    def start_workers(self) -> None:
+        self.workers = Workers.start(self.settings, stages=self.stages, env=self.env)
 
     def reconcile(self, ids: Sequence[str], **thresholds: float) -> dict[str, Any]:
         """One reconciliation round over `ids`, thresholds zero unless given."""
@@ -97,7 +97,8 @@ class LoopRig:
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(line_start))
 
 
-def start_loop(settings: Settings, name: str) -> Iterator[LoopRig]:
+def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGES,
+               env: dict[str, str] | None = None) -> Iterator[LoopRig]:
     prefix = f"{name}{uuid.uuid4().hex[:8]}."
     api_port = free_port_block(1)
     mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
@@ -105,14 +106,14 @@ def start_loop(settings: Settings, name: str) -> Iterator[LoopRig]:
     webhooks = f"http://127.0.0.1:{api_port}/webhooks"
     sim = SimulatorProcess.start(mine, mine.stack_dir / f"{name}-sim-{prefix.strip('.')}.log",
                                  {"NOTIFY_WEBHOOK_BASE_URL": webhooks})
-    env = {**sim.env, **LOOP_ENV, "NOTIFY_WEBHOOK_BASE_URL": webhooks}
+    env = {**sim.env, **LOOP_ENV, "NOTIFY_WEBHOOK_BASE_URL": webhooks, **(env or {})}
     api_log = (mine.stack_dir / f"{name}-api-{prefix.strip('.')}.log").open("wb")
     api = subprocess.Popen([sys.executable, "-m", "pipeline", "api", "--port", str(api_port)],
                            env={**os.environ, **env, "NOTIFY_TOPIC_PREFIX": prefix,
                                 "NOTIFY_METRICS_PORT": str(free_port_block(1))},
                            cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
-    workers = Workers.start(mine, stages=LOOP_STAGES, env=env)
-    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS))
+    workers = Workers.start(mine, stages=stages, env=env)
+    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages)
     try:
         deadline = time.monotonic() + 30
         while True:
