@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from prometheus_client import Counter, Histogram
 
 from connectors.base import Connector, DeliveryStatus, Found, ProviderQueryError
@@ -44,9 +45,10 @@ log = logging.getLogger("notify.reconcile")
 
 LOCK_KEY = 0x6E6F7469667972  # pg advisory lock id of the reconciler ("notifyr")
 SWEEP_LIMIT = 500  # rows per state and round: a round stays bounded however much is stuck
-# A lookup by reference matches recipient and content from a little before the claim (clock skew, the providers'
-# one-second grain): wide enough to find ours, narrow enough not to take an earlier identical message for it.
-LOOKBACK = datetime.timedelta(seconds=10)
+# A lookup by reference matches recipient and content between the claim and the end of the lease (or the recorded
+# `unknown`), widened by the providers' one-second grain and clock skew: wide enough to find ours, narrow enough
+# not to take a neighbouring identical message for it.
+LOOKBACK = datetime.timedelta(seconds=2)
 
 RESOLVED = Counter("notify_reconcile_resolved_total", "Stuck deliveries the reconciler resolved, by action.",
                    ["stuck", "action"])
@@ -219,10 +221,14 @@ class Reconciler:
                 state, fallback_from = "queued", row.provider
         if step.action == "resend":
             state = "queued" if stuck == "queued" else "retry_scheduled"
-        async with pool.connection() as conn:
-            moved = await deliveries.transition(
-                conn, row, state, provider=provider, provider_message_id=message_id, code=f"reconciled:{stuck}",
-                message=step.reason, fallback_from=fallback_from, clear_provider=fallback_from is not None)
+        try:
+            async with pool.connection() as conn:
+                moved = await deliveries.transition(
+                    conn, row, state, provider=provider, provider_message_id=message_id,
+                    code=f"reconciled:{stuck}", message=step.reason, fallback_from=fallback_from,
+                    clear_provider=fallback_from is not None)
+        except psycopg.errors.UniqueViolation:  # a live send recorded that message id first: it is theirs
+            return "raced"
         if not moved:
             return "raced"
         if state in ("queued", "retry_scheduled"):

@@ -48,7 +48,7 @@ def rig(loop: LoopRig) -> LoopRig:
 
 
 def requests(count: int) -> list[dict[str, Any]]:
-    """Half transaction SMS (critical), half portfolio email (bulk), each user its own."""
+    """Half transaction SMS (critical), half portfolio email (bulk), each user its own (and its own phone)."""
     now = datetime.datetime.now(datetime.UTC)
     out = []
     for n in range(count):
@@ -57,7 +57,7 @@ def requests(count: int) -> list[dict[str, Any]]:
             "notification_id": str(uuid.uuid4()), "idempotency_key": uuid.uuid4().hex,
             "user_id": f"rp-{uuid.uuid4().hex[:10]}", "type": "transaction" if critical else "portfolio",
             "channels": ["sms" if critical else "email"],
-            "recipient": {"phone": "+2348012345678", "email": "ada@example.com", "device_tokens": []},
+            "recipient": {"phone": f"+1415{n:07d}", "email": "ada@example.com", "device_tokens": []},
             "template_id": "transaction.default" if critical else "portfolio.default", "template_params": {},
             "created_at": now, "expires_at": now + datetime.timedelta(minutes=30), "source_service": "replay-e2e"})
     return out
@@ -194,14 +194,18 @@ def test_chaos_a_tenth_of_twilio_failing_and_a_sender_killed_mid_run_loses_nothi
         if set(rows.values()) <= set(FINAL) and len(rows) == len(ids):
             break
         assert time.monotonic() < deadline, collections.Counter(rows.values())
-        rig.reconcile([i for i, s in rows.items() if s not in FINAL], reconcile_lease_grace_s=1.0)
+        # lease grace: receipts of what the killed worker did send have landed by then
+        rig.reconcile([i for i, s in rows.items() if s not in FINAL], reconcile_lease_grace_s=5.0)
     assert collections.Counter(rows.values()) == {"delivered": 3000}  # none lost
     counts = ledger_counts(rig, ids)
     assert len(counts) == 3000 and set(counts.values()) == {1}  # none twice
     time.sleep(2)
+    # The events agree: each notification has exactly one final event, the row's state. (Working-state events of
+    # different stages can interleave: a receipt may overtake the sender's `accepted`, as with real providers.)
     codec = serde.AvroSerde()
-    last_event: dict[str, str] = {}
-    for message in rig.events.snapshot():  # per user key, so each notification's events are in order
+    finals: dict[str, list[str]] = collections.defaultdict(list)
+    for message in rig.events.snapshot():
         event = codec.decode(message.value(), expected=serde.DELIVERY_EVENT).value
-        last_event[str(event["notification_id"])] = event["status"]
-    assert collections.Counter(last_event[nid] for nid in ids) == {"delivered": 3000}  # the events agree
+        if event["status"] in FINAL:
+            finals[str(event["notification_id"])].append(event["status"])
+    assert collections.Counter(tuple(finals[nid]) for nid in ids) == {("delivered",): 3000}
