@@ -39,14 +39,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if rc != 0 or args.stack_only:
         return rc
     children = []
+    env = dict(os.environ)
+    if settings.webhook_base_url is None:
+        # Receipts come back to our own API, so deliveries reach `delivered` locally as they would in production.
+        env["NOTIFY_WEBHOOK_BASE_URL"] = f"http://127.0.0.1:{settings.api_port}/webhooks"
     simulated = [p for p in config.PROVIDERS if getattr(settings, f"{p}_base_url") is None]
     if simulated:
         # Providers without a configured base URL are served by the simulator, so the local job sends end to end.
-        children.append(subprocess.Popen([sys.executable, "-m", "pipeline", "simulator"]))
+        children.append(subprocess.Popen([sys.executable, "-m", "pipeline", "simulator"], env=env))
         print(f"provider simulator on http://127.0.0.1:{settings.simulator_port} for {', '.join(simulated)}",
               flush=True)
-    workers = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"])
-    api = subprocess.Popen([sys.executable, "-m", "pipeline", "api"])
+    workers = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"], env=env)
+    api = subprocess.Popen([sys.executable, "-m", "pipeline", "api"], env=env)
     children += [api, workers]
     print(f"\npipeline running: API on http://127.0.0.1:{settings.api_port} (OpenAPI at /openapi.json), "
           f"API metrics on :{settings.api_port}/metrics, worker metrics on :{settings.metrics_port + 1}.. "

@@ -106,3 +106,25 @@ def test_a_group_with_active_members_is_refused_by_name_and_the_cli_says_why(
     assert done.returncode == 0 and "dry run" in done.stdout, done.stdout + done.stderr
     with pytest.raises(ReplayError, match="no topic"):
         replay.replay(settings, group, f"t{unique}.missing", to_offset=0)
+
+
+def test_kafkas_own_reset_offsets_tool_from_the_stack_moves_the_group_the_same_way(
+        settings: Settings, unique: str, topic: tuple[str, list[int]]) -> None:
+    name, stamps = topic
+    mine, theirs = f"t{unique}.ours", f"t{unique}.kafkas"
+    for group in (mine, theirs):
+        commit_at(settings, group, name, 10)
+    replay.replay(settings, mine, name, to_offset=4, out=lambda _line: None)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "kafka", "consumer-groups", "--group", theirs,
+                           "--topic", name, "--reset-offsets", "--to-offset", "4", "--execute"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert committed(settings, theirs, name) == committed(settings, mine, name) == 4
+    moment = datetime.datetime.fromtimestamp(stamps[7] / 1000, datetime.UTC)
+    replay.replay(settings, mine, name, to_datetime=moment.isoformat(), out=lambda _line: None)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "kafka", "consumer-groups", "--group", theirs,
+                           "--topic", name, "--reset-offsets", "--to-datetime",
+                           moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}", "--execute"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert committed(settings, theirs, name) == committed(settings, mine, name) == 7

@@ -42,21 +42,22 @@ async def releaser(applied: Settings) -> AsyncIterator[retry.TierReleaser]:
     await asyncio.wait_for(running, 30)
 
 
-async def put(settings: Settings, topic: str, partition: int, due_in_s: float, send_topic: str = SEND
-              ) -> tuple[str, int]:
+async def put(settings: Settings, topic: str, partition: int, due_in_s: float, send_topic: str = SEND,
+              key: str | None = None) -> tuple[str, int]:
     """One retry record due `due_in_s` from now: its notification id and due time (epoch ms). Written from a
     thread: the releaser runs on this loop and must not be held up by the test."""
-    return await asyncio.to_thread(_put, settings, topic, partition, due_in_s, send_topic)
+    return await asyncio.to_thread(_put, settings, topic, partition, due_in_s, send_topic, key)
 
 
-def _put(settings: Settings, topic: str, partition: int, due_in_s: float, send_topic: str) -> tuple[str, int]:
+def _put(settings: Settings, topic: str, partition: int, due_in_s: float, send_topic: str,
+         key: str | None) -> tuple[str, int]:
     nid = str(uuid.uuid4())
     base = retry.delivery_headers(nid, "sms", "critical", send_topic, [{"attempt": 1, "provider": "twilio",
                                                                         "outcome": "transient", "code": "500"}])
     due_ms = int((time.time() + due_in_s) * 1000)
     headers = {**base, retry.HEADER_DUE: str(due_ms).encode(), retry.HEADER_TIER: b"1"}
     producer = kafka.producer(settings)
-    producer.produce(settings.topic(topic), key=f"u-{nid[:8]}".encode(), value=nid.encode(),
+    producer.produce(settings.topic(topic), key=(key or f"u-{nid[:8]}").encode(), value=nid.encode(),
                      headers=list(headers.items()), partition=partition)
     assert producer.flush(10) == 0
     return nid, due_ms
@@ -107,8 +108,9 @@ async def test_a_partition_waiting_for_its_head_holds_no_other_partition_or_tier
         applied: Settings, releaser: retry.TierReleaser) -> None:
     reader = TopicReader(applied, SEND)
     try:
-        head, _ = await put(applied, TIER1, 0, 8.0)
-        behind, _ = await put(applied, TIER1, 0, 0.0)  # due now, but behind a head that is not: order is kept
+        # one user's two retries (one key: one send partition, where their order shows)
+        head, _ = await put(applied, TIER1, 0, 8.0, key="u-same")
+        behind, _ = await put(applied, TIER1, 0, 0.0, key="u-same")  # due now, but behind a head that is not
         others = ([(await put(applied, TIER1, 1, 0.0))[0] for _ in range(5)]
                   + [(await put(applied, TIER2, 0, 0.0))[0] for _ in range(3)])
         started = time.monotonic()
@@ -122,6 +124,7 @@ async def test_a_partition_waiting_for_its_head_holds_no_other_partition_or_tier
 
         await wait_for(lambda: {head, behind} <= set(released(reader)), 12)
         out = released(reader)
+        assert out[head].partition() == out[behind].partition()
         assert out[head].offset() < out[behind].offset()  # the head first, as the tier holds them
         await wait_for(lambda: committed(applied, group, TIER1, 0) == 2, 5)
     finally:
