@@ -79,8 +79,10 @@ def build(ctx: StageContext) -> Stage:
         if not inserted and state != "queued":
             return "already_routed"  # a replay of something already on its way or done: nothing new
         ctx.send(topics.send_topic(channel, lane), task["user_id"], record.value)
-        if inserted:
-            await ctx.emit(task, "queued", channel=channel)
+        # Also when the row was there already and still queued: a worker killed between its insert and this event
+        # left the row without its event, and the redelivery is the only chance to emit it (events are at least
+        # once: a replay of a still-queued row says `queued` again).
+        await ctx.emit(task, "queued", channel=channel)
         return "queued"
 
     stage = Stage(ctx, {topics.routed_topic(lane): handle})
