@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -269,6 +269,97 @@ def _closed_error(item: PreparedNotification) -> ProduceError:
                         notification_id=item.notification_id)
 
 
+class ProducerClosed(NotifyError):
+    """The producer was closed: it takes nothing more."""
+
+
+class AckedProducer:
+    """An idempotent Kafka producer whose `produce` hands back an asyncio future of the broker's answer: a thread
+    polls the client, and each delivery report is passed to the loop that waits for it. Thread- and task-safe.
+    Used by everything that answers a caller only once Kafka holds its record (ingest, webhooks)."""
+
+    def __init__(self, settings: Settings, *, delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
+                 producer_config: Mapping[str, Any] | None = None) -> None:
+        self.delivery_timeout_s = delivery_timeout_s
+        timeout_ms = int(delivery_timeout_s * 1000)
+        self._producer = kafka.producer(settings, **{
+            "delivery.timeout.ms": timeout_ms,
+            "request.timeout.ms": min(timeout_ms, kafka.PRODUCER_DEFAULTS["request.timeout.ms"]),
+            "socket.connection.setup.timeout.ms": min(timeout_ms, 10_000),
+            **(producer_config or {}),
+        })
+        self.closed = False  # no new records
+        self._released = False  # the Kafka client is closed
+        self._close_lock = threading.Lock()
+        self._stop_polling = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="notify-producer-poll", daemon=True)
+        self._poller.start()
+
+    @property
+    def wait_s(self) -> float:
+        """How long a caller waits for an acknowledgement before giving up on it."""
+        return self.delivery_timeout_s + ACK_GRACE_S
+
+    def _poll(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the client was closed under us: nothing left to serve
+            while not self._stop_polling.is_set():
+                self._producer.poll(POLL_INTERVAL_S)  # serves delivery callbacks in this thread
+
+    def produce(self, topic: str, key: bytes, value: bytes,
+                on_settle: Callable[[KafkaError | None], None] | None = None) -> asyncio.Future[KafkaError | None]:
+        """Queue one record; the future gets None once Kafka acknowledged it, or the KafkaError it failed with.
+        `on_settle` runs first, in the loop's thread. Raises BufferError (the local queue is full),
+        KafkaException (refused at once, e.g. too large) and ProducerClosed."""
+        if self.closed:
+            raise ProducerClosed("the producer is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[KafkaError | None] = loop.create_future()
+
+        def settle(error: KafkaError | None) -> None:  # in the loop's thread
+            if on_settle is not None:
+                on_settle(error)
+            if not future.done():  # the waiter may have given up
+                future.set_result(error)
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:  # in the polling thread
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:  # the loop is closed: nobody waits for this result any more
+                log.warning("a delivery report for %s came after its event loop closed", topic)
+
+        try:
+            self._producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+        except RuntimeError:  # closed by another thread since the check above
+            raise ProducerClosed("the producer is closed") from None
+        return future
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Wait (blocking) until queued records are acknowledged or failed; how many are still queued."""
+        return 0 if self._released else int(self._producer.flush(timeout_s))
+
+    def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Refuse new records, flush what is queued (bounded), fail what is left (its waiters get an error rather
+        than a hang), release the client; how many records were not acknowledged."""
+        with self._close_lock:
+            if self._released:
+                return 0
+            self.closed = True
+            remaining = self.flush(timeout_s)
+            if remaining:
+                log.error("%d record(s) unacknowledged at close: failing them", remaining)
+                self._producer.purge()
+                self._producer.flush(1.0)  # serves the purged records' delivery reports
+            self._stop_polling.set()
+            self._poller.join(timeout=POLL_INTERVAL_S * 10)
+            self._producer.close()  # nothing is queued any more, so this returns at once
+            self._released = True
+            return remaining
+
+    async def aclose(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """`close` without blocking the event loop (delivery callbacks still reach their waiters)."""
+        return await asyncio.to_thread(self.close, timeout_s)
+
+
 class NotificationProducer:
     """Produces NotificationRequests and awaits their acknowledgement. Thread- and task-safe; close it when
     done (`aclose`, `close` or `async with`) so that nothing queued is lost silently."""
@@ -277,25 +368,7 @@ class NotificationProducer:
                  codec: serde.AvroSerde | None = None, producer_config: Mapping[str, Any] | None = None) -> None:
         self._settings = settings
         self._codec = codec or serde.serde(settings)
-        self._delivery_timeout_s = delivery_timeout_s
-        timeout_ms = int(delivery_timeout_s * 1000)
-        self._producer = kafka.producer(settings, **{
-            "delivery.timeout.ms": timeout_ms,
-            "request.timeout.ms": min(timeout_ms, kafka.PRODUCER_DEFAULTS["request.timeout.ms"]),
-            "socket.connection.setup.timeout.ms": min(timeout_ms, 10_000),
-            **(producer_config or {}),
-        })
-        self._closed = False  # no new requests
-        self._released = False  # the Kafka client is closed
-        self._close_lock = threading.Lock()
-        self._stop_polling = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="notify-producer-poll", daemon=True)
-        self._poller.start()
-
-    def _poll(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the client was closed under us: nothing left to serve
-            while not self._stop_polling.is_set():
-                self._producer.poll(POLL_INTERVAL_S)  # serves delivery callbacks in this thread
+        self._acked = AckedProducer(settings, delivery_timeout_s=delivery_timeout_s, producer_config=producer_config)
 
     def prepare(self, request: Mapping[str, Any]) -> PreparedNotification:
         """Check, complete, encode and address `request`; InvalidRequest if it does not fit the contract."""
@@ -333,12 +406,11 @@ class NotificationProducer:
 
     async def send_prepared(self, items: Sequence[PreparedNotification]) -> list[SendOutcome]:
         """Produce prepared requests and await every acknowledgement (bounded); one outcome per item, in order."""
-        loop = asyncio.get_running_loop()
         pending: list[tuple[PreparedNotification, asyncio.Future[KafkaError | None] | ProduceError]] = [
-            (item, self._produce(item, loop)) for item in items]
+            (item, self._produce(item)) for item in items]
         futures = [f for _, f in pending if isinstance(f, asyncio.Future)]
         if futures:
-            await asyncio.wait(futures, timeout=self._delivery_timeout_s + ACK_GRACE_S)
+            await asyncio.wait(futures, timeout=self._acked.wait_s)
         outcomes: list[SendOutcome] = []
         for item, future in pending:
             error = future if isinstance(future, ProduceError) else self._outcome(item, future)
@@ -352,69 +424,43 @@ class NotificationProducer:
             future.cancel()
             return ProduceError(
                 f"no acknowledgement for notification {item.notification_id} within "
-                f"{self._delivery_timeout_s + ACK_GRACE_S:.0f} s", retryable=True, reason="timeout",
+                f"{self._acked.wait_s:.0f} s", retryable=True, reason="timeout",
                 notification_id=item.notification_id)
         error = future.result()
         return None if error is None else _delivery_error(error, item.notification_id)
 
-    def _produce(self, item: PreparedNotification, loop: asyncio.AbstractEventLoop
-                 ) -> asyncio.Future[KafkaError | None] | ProduceError:
-        if self._closed:
-            return _closed_error(item)
-        future: asyncio.Future[KafkaError | None] = loop.create_future()
+    def _produce(self, item: PreparedNotification) -> asyncio.Future[KafkaError | None] | ProduceError:
         started = time.perf_counter()
 
-        def settle(error: KafkaError | None) -> None:  # in the loop's thread
+        def count(error: KafkaError | None) -> None:
             outcome = "acked" if error is None else "failed"
             ACK_SECONDS.labels(item.lane, outcome).observe(time.perf_counter() - started)
             if error is not None:
                 PRODUCE_FAILURES.labels(item.lane, "delivery_failed").inc()
                 log.warning("notification %s not produced: %s", item.notification_id, error.str())
-            if not future.done():  # the waiter may have given up
-                future.set_result(error)
-
-        def on_delivery(error: KafkaError | None, _message: Message) -> None:  # in the polling thread
-            try:
-                loop.call_soon_threadsafe(settle, error)
-            except RuntimeError:  # the loop is closed: nobody waits for this result any more
-                log.warning("notification %s: delivery report after its event loop closed", item.notification_id)
 
         try:
-            self._producer.produce(item.topic, key=item.key, value=item.value, on_delivery=on_delivery)
+            return self._acked.produce(item.topic, item.key, item.value, on_settle=count)
         except BufferError:
             return ProduceError("the producer's queue is full; back off and retry", retryable=True,
                                 reason="queue_full", notification_id=item.notification_id)
         except KafkaException as exc:  # e.g. a message larger than the broker accepts
             return _delivery_error(exc.args[0], item.notification_id)
-        except RuntimeError:  # closed by another thread since the check above
+        except ProducerClosed:
             return _closed_error(item)
-        return future
 
     def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
         """Wait (blocking) until queued requests are acknowledged or failed; how many are still queued."""
-        return 0 if self._released else int(self._producer.flush(timeout_s))
+        return self._acked.flush(timeout_s)
 
     def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
         """Refuse new requests, flush what is queued (bounded), fail what is left (its waiters get a retryable
         ProduceError rather than a hang), release the client; how many requests were not acknowledged."""
-        with self._close_lock:
-            if self._released:
-                return 0
-            self._closed = True
-            remaining = self.flush(timeout_s)
-            if remaining:
-                log.error("%d notification request(s) unacknowledged at close: failing them", remaining)
-                self._producer.purge()
-                self._producer.flush(1.0)  # serves the purged requests' delivery reports
-            self._stop_polling.set()
-            self._poller.join(timeout=POLL_INTERVAL_S * 10)
-            self._producer.close()  # nothing is queued any more, so this returns at once
-            self._released = True
-            return remaining
+        return self._acked.close(timeout_s)
 
     async def aclose(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
         """`close` without blocking the event loop (delivery callbacks still reach their waiters)."""
-        return await asyncio.to_thread(self.close, timeout_s)
+        return await self._acked.aclose(timeout_s)
 
     async def __aenter__(self) -> NotificationProducer:
         return self

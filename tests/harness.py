@@ -223,7 +223,12 @@ def start_pipeline(settings: Settings, prefix: str, env: dict[str, str] | None =
 
 def lane_records(settings: Settings, lane: str) -> list[Any]:
     """Every record on the lane's request topic (the topic is this test's own, so these are ours)."""
-    topic = settings.topic(topics.requests_topic(lane))
+    return topic_records(settings, topics.requests_topic(lane))
+
+
+def topic_records(settings: Settings, logical_topic: str) -> list[Any]:
+    """Every record on a topic, up to the end offsets it has now (asserted: none missing)."""
+    topic = settings.topic(logical_topic)
     consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -242,4 +247,4 @@ def lane_records(settings: Settings, lane: str) -> list[Any]:
 
 
 __all__ = ["STAGES", "Client", "Pipeline", "bearer", "free_port_block", "lane_records", "read_topic", "serving",
-           "start_pipeline"]
+           "start_pipeline", "topic_records"]

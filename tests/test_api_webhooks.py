@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-from harness import serving
+from harness import serving, topic_records
 from prometheus_client import REGISTRY
 from twilio.request_validator import RequestValidator
 
 from connectors.simulator import mailgun, sendgrid, termii, twilio
 from connectors.simulator.state import LedgerEntry
-from pipeline import kafka, serde, topics
+from pipeline import serde, topics
 from pipeline.api import create_app, ingest, webhooks
 from pipeline.config import Settings
 
@@ -86,21 +85,7 @@ EXPECTED: dict[str, tuple[bool, Callable[[str], uuid.UUID | None], str]] = {
 
 def receipts(settings: Settings) -> list[tuple[bytes, dict[str, Any]]]:
     """Every record on the test's receipts topic (up to its end offsets), as (key, decoded ProviderReceipt)."""
-    topic = settings.topic(topics.RECEIPTS)
-    consumer = kafka.consumer(settings, group_id=f"reader-{uuid.uuid4().hex}")
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        expected = sum(kafka.end_offset(consumer, TopicPartition(topic, p)) for p in partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records: list[Any] = []
-        deadline = time.monotonic() + 30
-        while len(records) < expected and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is not None and message.error() is None:
-                records.append(message)
-        assert len(records) == expected
-    finally:
-        consumer.close()
+    records = topic_records(settings, topics.RECEIPTS)
     codec = serde.AvroSerde()
     return [(r.key(), codec.decode(r.value(), expected=serde.PROVIDER_RECEIPT).value) for r in records]
 

@@ -31,6 +31,7 @@ from connectors.simulator.common import (
     MAGIC_NOT_MOBILE,
     MAGIC_UNREACHABLE,
     MAGIC_UNSUBSCRIBED,
+    Simulator,
     basic_auth,
     json_response,
     sim_of,
@@ -129,13 +130,17 @@ async def create_message(request: web.Request) -> web.Response:
     return json_response(201, resource(entry, sim.settings.twilio_account_sid))
 
 
+async def _read_refused(sim: Simulator, request: web.Request) -> web.Response | None:
+    """What a read (fetch, list) gets instead of its answer: 503 in an outage, 401 with bad credentials."""
+    if await sim.state.draw_fault(P) == "outage":
+        return error(503, 20503, "Service unavailable")
+    return _auth_error(request)
+
+
 async def fetch_message(request: web.Request) -> web.Response:
     sim = sim_of(request)
-    fault = await sim.state.draw_fault(P)
-    if fault == "outage":
-        return error(503, 20503, "Service unavailable")
-    if denied := _auth_error(request):
-        return denied
+    if refused := await _read_refused(sim, request):
+        return refused
     entry = sim.state.find(P, request.match_info["sid"])
     if entry is None:
         return error(404, 20404, f"The requested resource {request.path.removeprefix('/twilio')} was not found")
@@ -184,11 +189,8 @@ def _page(request: web.Request, entries: list[LedgerEntry], account_sid: str) ->
 
 async def list_messages(request: web.Request) -> web.Response:
     sim = sim_of(request)
-    fault = await sim.state.draw_fault(P)
-    if fault == "outage":
-        return error(503, 20503, "Service unavailable")
-    if denied := _auth_error(request):
-        return denied
+    if refused := await _read_refused(sim, request):
+        return refused
     try:
         sent_in_range = _sent_since(request.query)
         entries = [e for e in sim.state.query(provider=P, to=request.query.get("To"), sender=request.query.get("From"))

@@ -18,26 +18,24 @@ otherwise by the provider's message id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 from aiohttp import web
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaException
 from prometheus_client import Counter
 
 from connectors.base import Connector, Receipt
 from connectors.factory import create_connector
-from pipeline import kafka, serde, topics
+from pipeline import serde, topics
 from pipeline.api import auth
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BODY_BYTES, json_error
-from pipeline.client import ACK_GRACE_S, FLUSH_TIMEOUT_S, POLL_INTERVAL_S
+from pipeline.client import AckedProducer, ProducerClosed
 from pipeline.config import PROVIDERS, Settings
 
 log = logging.getLogger(__name__)
@@ -57,68 +55,26 @@ RECEIPTS = Counter("notify_webhook_receipts_total", "Receipts Kafka acknowledged
                    ["provider", "status"])
 
 
-class ReceiptProducer:
-    """Produces records and awaits the broker's acknowledgement of each: a thread polls the client, and every
-    delivery callback hands its result to the waiting event loop (as `pipeline.client.NotificationProducer`)."""
-
-    def __init__(self, settings: Settings, *, delivery_timeout_s: float = DELIVERY_TIMEOUT_S) -> None:
-        timeout_ms = int(delivery_timeout_s * 1000)
-        self.delivery_timeout_s = delivery_timeout_s
-        self._producer = kafka.producer(settings, **{
-            "delivery.timeout.ms": timeout_ms,
-            "request.timeout.ms": min(timeout_ms, kafka.PRODUCER_DEFAULTS["request.timeout.ms"]),
-            "socket.connection.setup.timeout.ms": min(timeout_ms, 10_000),
-        })
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="notify-webhook-poll", daemon=True)
-        self._poller.start()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(POLL_INTERVAL_S)  # serves the delivery callbacks in this thread
-
-    async def produce(self, records: Sequence[tuple[str, bytes, bytes]]) -> str | None:
-        """Produce (topic, key, value) records and await every acknowledgement (bounded): None when Kafka took
-        them all, otherwise why not."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[KafkaError | None]] = []
-
-        def settle(future: asyncio.Future[KafkaError | None], error: KafkaError | None) -> None:
-            if not future.done():
-                future.set_result(error)
-
-        for topic, key, value in records:
-            future: asyncio.Future[KafkaError | None] = loop.create_future()
-
-            def on_delivery(error: KafkaError | None, _message: Message,
-                            future: asyncio.Future[KafkaError | None] = future) -> None:  # in the polling thread
-                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-                    loop.call_soon_threadsafe(settle, future, error)
-
-            try:
-                self._producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-            except BufferError:
-                return "the producer's queue is full"
-            except KafkaException as exc:
-                return str(exc.args[0])
-            futures.append(future)
-        if not futures:
-            return None
-        _, pending = await asyncio.wait(futures, timeout=self.delivery_timeout_s + ACK_GRACE_S)
-        if pending:
-            return f"no acknowledgement within {self.delivery_timeout_s + ACK_GRACE_S:.0f} s"
-        errors = [error for error in (f.result() for f in futures) if error is not None]
-        return errors[0].str() if errors else None
-
-    def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
-        """Flush what is queued (bounded) and release the client; how many records were not acknowledged."""
-        remaining = int(self._producer.flush(timeout_s))
-        self._stop.set()
-        self._poller.join(timeout=POLL_INTERVAL_S * 10)
-        if remaining:
-            self._producer.purge()
-        self._producer.close()
-        return remaining
+async def produce_all(producer: AckedProducer, records: Sequence[tuple[str, bytes, bytes]]) -> str | None:
+    """Produce (topic, key, value) records and await every acknowledgement (bounded): None when Kafka took them
+    all, otherwise why not."""
+    futures = []
+    for topic, key, value in records:
+        try:
+            futures.append(producer.produce(topic, key, value))
+        except BufferError:
+            return "the producer's queue is full"
+        except KafkaException as exc:
+            return str(exc.args[0])
+        except ProducerClosed as exc:
+            return str(exc)
+    if not futures:
+        return None
+    _, pending = await asyncio.wait(futures, timeout=producer.wait_s)
+    if pending:
+        return f"no acknowledgement within {producer.wait_s:.0f} s"
+    errors = [error for error in (f.result() for f in futures) if error is not None]
+    return errors[0].str() if errors else None
 
 
 @dataclass
@@ -129,7 +85,7 @@ class WebhookState:
     settings: Settings
     delivery_timeout_s: float = DELIVERY_TIMEOUT_S
     connectors: dict[str, Connector] = field(default_factory=dict)
-    producer: ReceiptProducer | None = None
+    producer: AckedProducer | None = None
     codec: serde.AvroSerde | None = None
 
 
@@ -224,7 +180,7 @@ async def receive(request: web.Request) -> web.Response:
         log.error("signed %s webhook of %d bytes we cannot read: %s", provider, len(body), exc)
         _reject(provider, "unparsable", f"signed, but not a {provider} receipt we can read: {exc}",
                 web.HTTPBadRequest)
-    error = await producer.produce(records)
+    error = await produce_all(producer, records)
     if error is not None:
         log.warning("%d %s receipt(s) not produced: %s", len(records), provider, error)
         json_error(web.HTTPServiceUnavailable, f"Kafka did not take the receipts: {error}",
@@ -246,7 +202,7 @@ def setup(app: web.Application, settings: Settings) -> None:
         state = app[WEBHOOKS]
         state.codec = serde.serde(state.settings)
         state.connectors = {p: create_connector(p, state.settings) for p in RECEIPT_PROVIDERS}
-        state.producer = ReceiptProducer(state.settings, delivery_timeout_s=state.delivery_timeout_s)
+        state.producer = AckedProducer(state.settings, delivery_timeout_s=state.delivery_timeout_s)
         yield
         owned, state.producer = state.producer, None  # new requests get 503 from here on
         connectors, state.connectors = state.connectors, {}

@@ -27,12 +27,20 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline import kafka, topics
 from pipeline.errors import ConfigError
-from pipeline.stages.runtime import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, Record, StageContext, utcnow
+from pipeline.stages.runtime import (
+    HEADER_DETAIL,
+    HEADER_REASON,
+    HEADER_SOURCE,
+    Record,
+    StageContext,
+    records_of,
+    utcnow,
+)
 
 log = logging.getLogger("notify.retry")
 
@@ -168,13 +176,7 @@ class TierReleaser:
     def _handle(self, messages: list[Message]) -> list[TopicPartition]:
         """Keep what was fetched behind each partition's head, forward what is due, pause partitions whose head is
         not and resume those with nothing kept; the offsets to commit once Kafka acknowledged the forwards."""
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("%s: consumer error %s", self.ctx.group_id, error)
-                continue
-            record = Record.of(message)
+        for record in records_of(messages, self.ctx.group_id):
             kept = self.parked.setdefault((record.topic, record.partition), collections.deque())
             kept.append((record, due_s(record, self.delays.get(record.topic, 0.0))))
         now = time.time()

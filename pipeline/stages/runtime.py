@@ -100,6 +100,18 @@ class Record:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
+def records_of(messages: Iterable[Message], group_id: str) -> list[Record]:
+    """The records of a consumed batch; errors are logged and skipped (end-of-partition is not one)."""
+    records = []
+    for message in messages:
+        error = message.error()
+        if error is None:
+            records.append(Record.of(message))
+        elif error.code() != KafkaError._PARTITION_EOF:
+            log.warning("%s: consumer error %s", group_id, error)
+    return records
+
+
 class DeliveryFailed(RuntimeError):
     """Kafka did not acknowledge something a batch produced: the batch is not committed."""
 
@@ -468,13 +480,7 @@ class StageRunner:
                     continue
                 by_partition: dict[tuple[str, int], list[Record]] = defaultdict(list)
                 offsets: dict[tuple[str, int], int] = {}
-                for message in messages:
-                    error = message.error()
-                    if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
-                            log.warning("%s: consumer error %s", self.ctx.group_id, error)
-                        continue
-                    record = Record.of(message)
+                for record in records_of(messages, self.ctx.group_id):
                     by_partition[(record.topic, record.partition)].append(record)
                     offsets[(record.topic, record.partition)] = record.offset + 1
                 STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane).observe(len(messages))

@@ -418,9 +418,9 @@ class Sender:
             code = None if state == "accepted" or final is None else final.error_code or final.reason
             codes.append("expired" if state == "expired" else code)
             messages.append(None if state == "accepted" or final is None else (final.error_message or "")[:1000])
-            is_retry = job.retry is not None and job.retry.action == "retry"
-            due.append(job.retry.due if job.retry is not None and is_retry else None)
-            tiers.append(job.retry.tier if job.retry is not None and is_retry else job.tiers_used)
+            retrying = job.retry if job.retry is not None and job.retry.action == "retry" else None
+            due.append(retrying.due if retrying else None)
+            tiers.append(retrying.tier if retrying else job.tiers_used)
         calls = [(job, call) for job in jobs for call in job.calls]
         pool = await db.async_pool(self.settings)
         async with pool.connection() as conn, conn.transaction():
