@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import topics
+from pipeline import serde, topics
+from pipeline.policy.providers import RoutingTable
 from pipeline.policy.recovery import DeliveryView
 from pipeline.stages.runtime import StageContext
 
@@ -93,6 +94,14 @@ async def transition(conn: Any, row: DeliveryRow, state: str, *, provider: str |
         "reset_tier": reset_tier, "nid": row.notification_id, "channel": row.channel, "was": row.state,
         "seen": row.updated_at})).fetchone()
     return done is not None
+
+
+def provider_order(routing: RoutingTable, codec: serde.AvroSerde, row: DeliveryRow) -> tuple[str, ...]:
+    """The row's provider order, as the sender had it (per lane and, for SMS, the number's calling code)."""
+    to = None
+    if row.task is not None and row.channel == "sms":
+        to = codec.decode(row.task, expected=serde.DELIVERY_TASK).value.get("address")
+    return tuple(routing.order(row.channel, row.lane, to))
 
 
 def reinject(ctx: StageContext, row: DeliveryRow, headers: Mapping[str, bytes] | None = None) -> None:

@@ -215,8 +215,8 @@ class Reconciler:
         if step.action == "leave":
             return "leave"
         if step.action == "failed" and stuck == "accepted" and row.task is not None:
-            fallback = recovery.next_provider(self.routing.order(row.channel, row.lane, None), row.provider or "",
-                                              row.fallback_from)
+            order = deliveries.provider_order(self.routing, self.ctx.codec, row)
+            fallback = recovery.next_provider(order, row.provider or "", row.fallback_from)
             if fallback is not None:
                 state, fallback_from = "queued", row.provider
         if step.action == "resend":

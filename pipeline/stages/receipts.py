@@ -34,21 +34,12 @@ class ReceiptHandler:
         self.routing = policy.routing_table(ctx.settings.routing_overrides)
         self.codec = ctx.codec
 
-    def order(self, row: deliveries.DeliveryRow) -> tuple[str, ...]:
-        """The row's provider order (per lane and, for SMS, the number's calling code)."""
-        to = None
-        if row.task is not None and row.channel == "sms":
-            to = self.codec.decode(row.task, expected=serde.DELIVERY_TASK).value.get("address")
-        return tuple(self.routing.order(row.channel, row.lane, to))
-
     async def __call__(self, ctx: StageContext, record: Record) -> str:
         receipt = await ctx.decode_or_quarantine(record, serde.PROVIDER_RECEIPT)
         if receipt is None:
             return "undecodable"
-        provider, message_id, status = receipt["provider"], receipt["provider_message_id"], receipt["status"]
         result = await self.apply(receipt)
-        RECEIPTS.labels(provider, status, result).inc()
-        log.debug("receipt %s %s %s: %s", provider, message_id, status, result)
+        RECEIPTS.labels(receipt["provider"], receipt["status"], result).inc()
         return result
 
     async def apply(self, receipt: dict[str, Any]) -> str:
@@ -66,7 +57,8 @@ class ReceiptHandler:
             if not rows:
                 return "unmatched"
             row = rows[0]
-            step = recovery.after_receipt(row.view, provider, message_id, status, self.order(row))
+            step = recovery.after_receipt(row.view, provider, message_id, status,
+                                          deliveries.provider_order(self.routing, self.codec, row))
             code = receipt.get("error_code") or (receipt["raw_status"] if step.action != "delivered" else None)
             if step.action == "ignore":
                 return "ignored"

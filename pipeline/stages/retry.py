@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline import kafka, topics
+from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.stages.runtime import (
     HEADER_DETAIL,
@@ -101,6 +102,16 @@ def dead_letter_headers(base: Mapping[str, bytes], reason: str, detail: str, sou
             HEADER_SOURCE: source.encode(), HEADER_DEAD_AT: utcnow().isoformat().encode()}
 
 
+def tiers(settings: Settings, lane: str) -> tuple[tuple[str, float], ...]:
+    """The lane's retry tiers, first first: (logical topic, configured delay); ConfigError when the configured
+    delays do not match the tier topics one to one."""
+    names, delays = topics.retry_topics(lane), settings.retry_delays(lane)
+    if len(delays) != len(names):
+        raise ConfigError(f"the {lane} lane has {len(names)} retry tier topics but {len(delays)} delays are "
+                          f"configured ({', '.join(f'{d:g}' for d in delays)})")
+    return tuple(zip(names, delays, strict=True))
+
+
 def due_s(record: Record, delay_s: float) -> float | None:
     """When `record` may be released (epoch seconds): the later of its header due time and its broker timestamp
     plus the tier's delay. None when neither is known (the record cannot be scheduled)."""
@@ -127,13 +138,9 @@ class TierReleaser:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         settings = ctx.settings
-        names = topics.retry_topics(ctx.lane)
-        delays = settings.retry_delays(ctx.lane)
-        if len(delays) != len(names):
-            raise ConfigError(f"the {ctx.lane} lane has {len(names)} retry tier topics but "
-                              f"{len(delays)} delays are configured ({', '.join(f'{d:g}' for d in delays)})")
-        self.delays = {settings.topic(name): delay for name, delay in zip(names, delays, strict=True)}
-        self.tier_of = {settings.topic(name): str(n) for n, name in enumerate(names, start=1)}
+        lane_tiers = tiers(settings, ctx.lane)
+        self.delays = {settings.topic(name): delay for name, delay in lane_tiers}
+        self.tier_of = {settings.topic(name): str(n) for n, (name, _) in enumerate(lane_tiers, start=1)}
         # paused partition -> its records not yet released, head first, each with its due time
         self.parked: dict[tuple[str, int], collections.deque[tuple[Record, float | None]]] = {}
         self._paused: set[tuple[str, int]] = set()

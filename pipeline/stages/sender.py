@@ -42,7 +42,6 @@ from connectors.factory import create_connector
 from pipeline import db, serde, topics
 from pipeline.breaker import BreakerBoard
 from pipeline.domain import CHANNELS
-from pipeline.errors import ConfigError
 from pipeline.policy import providers as policy
 from pipeline.policy import recovery
 from pipeline.policy.templates import Rendered, TemplateError, render
@@ -187,10 +186,8 @@ class Sender:
         self.rng = rng or random.Random()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
-        self.delays = ctx.settings.retry_delays(ctx.lane)
-        if len(self.delays) != len(topics.retry_topics(ctx.lane)):
-            raise ConfigError(f"{len(self.delays)} retry delays configured for the {ctx.lane} lane, which has "
-                              f"{len(topics.retry_topics(ctx.lane))} retry tier topics")
+        self.tiers = retry.tiers(ctx.settings, ctx.lane)
+        self.delays = [delay for _, delay in self.tiers]
         # every provider a route can name: their breakers are read once per batch
         self.providers = ({p for ch in CHANNELS for p in self.routing.default[ch]}
                           | {p for _, order in ctx.settings.routing_overrides for p in order})
@@ -366,7 +363,7 @@ class Sender:
                                       history)
         if job.retry.action == "retry":
             assert job.retry.due is not None
-            tier_topic = topics.retry_topics(self.ctx.lane)[job.retry.tier - 1]
+            tier_topic = self.tiers[job.retry.tier - 1][0]
             self.ctx.send(tier_topic, job.record.key, job.record.value,
                           retry.tier_headers(base, job.retry.tier, job.retry.due))
             retry.SCHEDULED.labels(self.ctx.lane, channel, str(job.retry.tier)).inc()
