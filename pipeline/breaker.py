@@ -24,21 +24,21 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter, Gauge
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from pipeline import metrics
 from pipeline.policy.providers import Breaker, BreakerPolicy, BreakerState, breaker_after_call, breaker_state
 
 log = logging.getLogger("notify.breaker")
 
-BREAKER_STATE = Gauge(
+BREAKER_STATE = metrics.gauge(
     "notify_breaker_state", "Circuit breaker of a provider as this worker last saw it: 0 closed, 1 half-open, "
     "2 open.", ["provider"])
-BREAKER_TRANSITIONS = Counter(
+BREAKER_TRANSITIONS = metrics.counter(
     "notify_breaker_transitions_total", "Breaker state changes this worker made, by new state.", ["provider", "to"])
-BREAKER_STORE_ERRORS = Counter(
+BREAKER_STORE_ERRORS = metrics.counter(
     "notify_breaker_store_errors_total", "Breaker reads or writes that failed because Redis was unavailable.")
 STATE_VALUE: Final[Mapping[BreakerState, int]] = {"closed": 0, "half_open": 1, "open": 2}
 SOCKET_TIMEOUT_S: Final = 0.2

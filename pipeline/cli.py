@@ -152,10 +152,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         unknown = sorted(set(stages) - set(_STAGES))
         if unknown:
             raise SystemExit(f"notify worker: unknown stage(s) {unknown}; known: {', '.join(_STAGES)}")
-        return worker.run_all(settings, stages=stages)
+        with_exporter = args.stages is None if args.exporter is None else args.exporter
+        return worker.run_all(settings, stages=stages, with_exporter=with_exporter)
     if not (args.stage and args.lane):
         raise SystemExit("notify worker: give --stage and --lane, or --all")
     return worker.run_stage(settings, args.stage, args.lane)
+
+
+def _cmd_exporter(_args: argparse.Namespace) -> int:
+    from pipeline import worker
+
+    return worker.run_exporter(config.settings())
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -293,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every stage of both lanes, one process each")
     p.add_argument("--stages", default=None,
                    help=f"with --all: only these stages, comma-separated (default: {','.join(_STAGES)})")
+    p.add_argument("--exporter", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --all: also run the lag exporter (default: yes, unless --stages narrows the stages)")
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("exporter", help="the consumer-lag exporter: committed offsets and high watermarks of every "
+                       "notify-* group, as Prometheus metrics (port after the workers'; `notify config`)")
+    p.set_defaults(func=_cmd_exporter)
 
     p = sub.add_parser("replay", help="reset a consumer group's offsets on a topic (its workers stopped) so the "
                        "stage re-reads it; every stage is idempotent, so nothing is sent twice")

@@ -41,9 +41,8 @@ from types import TracebackType
 from typing import Any, Final
 
 from confluent_kafka import KafkaError, KafkaException, Message
-from prometheus_client import Counter, Histogram
 
-from pipeline import kafka, serde, topics
+from pipeline import kafka, metrics, serde, topics
 from pipeline.config import Settings
 from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, Lane, is_e164, is_email, lane_for
 from pipeline.errors import NotifyError
@@ -63,10 +62,10 @@ REQUEST_FIELDS: Final = frozenset({
     "notification_id", "idempotency_key", "user_id", "type", "channels", "recipient", "template_id",
     "template_params", "content", "locale", "created_at", "expires_at", "source_service", "correlation_id"})
 
-ACK_SECONDS = Histogram(
+ACK_SECONDS = metrics.histogram(
     "notify_produce_ack_seconds", "From produce() to the broker's acknowledgement (or failure) of a request.",
     ["lane", "outcome"], buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-PRODUCE_FAILURES = Counter(
+PRODUCE_FAILURES = metrics.counter(
     "notify_produce_failures_total", "Requests Kafka did not take, by reason.", ["lane", "reason"])
 
 

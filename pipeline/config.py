@@ -127,6 +127,26 @@ def _delays(raw: str) -> tuple[float, ...]:
     return delays
 
 
+def _switch(raw: str) -> bool:
+    if raw.lower() not in ("on", "off"):
+        raise ValueError(f"{raw!r}: expected on or off")
+    return raw.lower() == "on"
+
+
+def _prices(raw: str) -> tuple[tuple[str, float], ...]:
+    """`twilio=0.0079,sendgrid=0.00095` -> (("sendgrid", 0.00095), ("twilio", 0.0079)); every provider needs one."""
+    prices: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        provider, sep, value = part.partition("=")
+        if not sep or provider.strip() not in PROVIDERS or float(value) < 0:
+            raise ValueError(f"{part!r}: expected <provider>=<price in USD, 0 or more>")
+        prices[provider.strip()] = float(value)
+    missing = [p for p in PROVIDERS if p not in prices]
+    if missing:
+        raise ValueError(f"no price for {', '.join(missing)}")
+    return tuple(sorted(prices.items()))
+
+
 # name -> Setting. Names are the Settings attributes.
 SETTINGS: dict[str, Setting] = {
     "stack_dir": Setting(
@@ -166,6 +186,19 @@ SETTINGS: dict[str, Setting] = {
     "metrics_port": Setting(
         "NOTIFY_METRICS_PORT", "59400",
         "Base /metrics port: the API uses it, each worker process the next ones (127.0.0.1).", _port),
+    "metrics_enabled": Setting(
+        "NOTIFY_METRICS", "on",
+        "on: record every metric; off: every metric is a no-op (only to measure what metrics cost: "
+        "`notify bench send` with and without). /metrics still answers.", _switch),
+    "exporter_interval_s": Setting(
+        "NOTIFY_EXPORTER_INTERVAL_S", "5",
+        "How often the lag exporter (`notify exporter`, part of `notify worker --all`) reads committed offsets and "
+        "high watermarks.", _positive_float),
+    "provider_prices_usd": Setting(
+        "NOTIFY_PROVIDER_PRICES_USD",
+        "twilio=0.0079,termii=0.0035,sendgrid=0.00095,mailgun=0.0008,fcm=0,apns=0",
+        "Price of one message per provider in USD, for notify_provider_cost_usd_total: per SMS segment (160 GSM-7 "
+        "or 70 UCS-2 characters, 153/67 when split), per email, per push.", _prices),
     "api_port": Setting("NOTIFY_API_PORT", "58080", "Port of the ingest and settings API (127.0.0.1).", _port),
     "log_level": Setting("NOTIFY_LOG_LEVEL", "WARNING", "Log level of workers and the API.", str),
     "ready_timeout_s": Setting(
@@ -348,6 +381,9 @@ class Settings:
     db_pool_size: int
     dedup_window_s: int
     metrics_port: int
+    metrics_enabled: bool
+    exporter_interval_s: float
+    provider_prices_usd: tuple[tuple[str, float], ...]
     api_port: int
     log_level: str
     ready_timeout_s: int
@@ -449,6 +485,13 @@ class Settings:
     def topic(self, name: str) -> str:
         """The physical name of a topic declared in topics/."""
         return f"{self.topic_prefix}{name}"
+
+
+def value(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting on its own (for what is decided at import time, before the whole Settings is loaded)."""
+    setting = SETTINGS[name]
+    raw = (os.environ if environ is None else environ).get(setting.env) or setting.default
+    return None if raw is None else setting.parse(raw)
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:

@@ -29,16 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from prometheus_client import Counter, Histogram
 
 from connectors.base import Connector, DeliveryStatus, Found, ProviderQueryError
 from connectors.factory import create_connector
-from pipeline import db, deliveries, kafka, serde
+from pipeline import db, deliveries, kafka, metrics, serde
 from pipeline.config import Settings
 from pipeline.policy import providers as routing
 from pipeline.policy import recovery
 from pipeline.policy.templates import TemplateError, render
-from pipeline.stages.runtime import StageContext
+from pipeline.stages.runtime import ERRORS, StageContext
 from pipeline.stages.sender import messages_of
 
 log = logging.getLogger("notify.reconcile")
@@ -50,9 +49,9 @@ SWEEP_LIMIT = 500  # rows per state and round: a round stays bounded however muc
 # not to take a neighbouring identical message for it.
 LOOKBACK = datetime.timedelta(seconds=2)
 
-RESOLVED = Counter("notify_reconcile_resolved_total", "Stuck deliveries the reconciler resolved, by action.",
+RESOLVED = metrics.counter("notify_reconcile_resolved_total", "Stuck deliveries the reconciler resolved, by action.",
                    ["stuck", "action"])
-ROUND_SECONDS = Histogram("notify_reconcile_round_seconds", "Duration of one reconciliation round.",
+ROUND_SECONDS = metrics.histogram("notify_reconcile_round_seconds", "Duration of one reconciliation round.",
                           buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
 
 STATES = (
@@ -251,6 +250,7 @@ class Reconciler:
                     if summary.actions:
                         log.warning("reconciliation round: %s", summary.as_dict())
                 except Exception:  # the database may be down: the next round tries again
+                    ERRORS.labels(self.ctx.stage, "", "round").inc()
                     log.exception("reconciliation round failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.reconcile_interval_s)

@@ -22,9 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from prometheus_client import start_http_server
-
-from pipeline import kafka
+from pipeline import exporter, health, kafka
 from pipeline.config import Settings
 from pipeline.domain import LANES, STAGES, Lane
 from pipeline.reconcile import Reconciler
@@ -66,6 +64,11 @@ def metrics_port(settings: Settings, stage: str, lane: Lane) -> int:
     return settings.metrics_port + 1 + STAGES.index(stage) * len(LANES) + LANES.index(lane)
 
 
+def exporter_port(settings: Settings) -> int:
+    """The lag exporter's /metrics port: the one after every worker's."""
+    return settings.metrics_port + 1 + len(STAGES) * len(LANES)
+
+
 def _exit_after_grace() -> None:
     """Arm a watchdog: the process ends after the grace period even if a broker or database call hangs."""
     def expire() -> None:
@@ -97,20 +100,39 @@ def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
     ctx = StageContext(settings=settings, stage=stage, lane=lane, producer=kafka.producer(settings))
     runner = _builders(settings)[stage](ctx)
     port = metrics_port(settings, stage, lane)
-    start_http_server(port, addr="127.0.0.1")
-    print(f"worker {stage}/{lane}: consumer group {ctx.group_id}, metrics on http://127.0.0.1:{port}/metrics",
+    health.serve(port, health.Readiness(settings), name=f"{stage}/{lane}")
+    print(f"worker {stage}/{lane}: consumer group {ctx.group_id}, metrics and health on http://127.0.0.1:{port}",
           flush=True)
     asyncio.run(_serve(runner))
     return 0
 
 
-def _spawn(stage: str, lane: Lane) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--stage", stage, "--lane", lane])
+def run_exporter(settings: Settings) -> int:
+    """`notify exporter`: the consumer-lag exporter (pipeline/exporter.py) with its /metrics and health."""
+    logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
+                        "%(message)s")
+    lag_exporter = exporter.build(settings)
+    port = exporter_port(settings)
+    health.serve(port, health.Readiness(settings), name="exporter")
+    print(f"lag exporter: groups {settings.topic_prefix}notify-*, metrics and health on http://127.0.0.1:{port}",
+          flush=True)
+    asyncio.run(_serve(lag_exporter))
+    return 0
 
 
-def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[str, ...] = STAGES) -> int:
-    """One child process per stage and lane, restarted when it dies; SIGTERM/SIGINT stop them all."""
-    children = {(stage, lane): _spawn(stage, lane) for stage, lane in processes(lanes, stages)}
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *argv])
+
+
+def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[str, ...] = STAGES,
+            with_exporter: bool = True) -> int:
+    """One child process per stage and lane (and the lag exporter), restarted when it dies; SIGTERM/SIGINT stop
+    them all."""
+    commands = {f"{stage}/{lane}": ["worker", "--stage", stage, "--lane", lane]
+                for stage, lane in processes(lanes, stages)}
+    if with_exporter:
+        commands["exporter"] = ["exporter"]
+    children = {name: _spawn(argv) for name, argv in commands.items()}
     print(f"workers: {len(children)} processes (pids {' '.join(str(c.pid) for c in children.values())})", flush=True)
     stopping = threading.Event()
 
@@ -119,20 +141,20 @@ def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[s
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    restarts: dict[tuple[str, Lane], list[float]] = {}
+    restarts: dict[str, list[float]] = {}
     while not stopping.is_set():
-        for (stage, lane), child in list(children.items()):
+        for name, child in list(children.items()):
             if child.poll() is None:
                 continue
-            recent = [t for t in restarts.get((stage, lane), []) if t > time.monotonic() - 60]
+            recent = [t for t in restarts.get(name, []) if t > time.monotonic() - 60]
             if len(recent) >= 5:  # crash-looping: give up loudly rather than spin
-                log.error("worker %s/%s keeps dying (exit %s); stopping everything", stage, lane, child.returncode)
+                log.error("worker %s keeps dying (exit %s); stopping everything", name, child.returncode)
                 stopping.set()
                 break
-            log.warning("worker %s/%s exited with %s; restarting it", stage, lane, child.returncode)
-            print(f"worker {stage}/{lane} exited ({child.returncode}); restarting", flush=True)
-            restarts[(stage, lane)] = [*recent, time.monotonic()]
-            children[(stage, lane)] = _spawn(stage, lane)
+            log.warning("worker %s exited with %s; restarting it", name, child.returncode)
+            print(f"worker {name} exited ({child.returncode}); restarting", flush=True)
+            restarts[name] = [*recent, time.monotonic()]
+            children[name] = _spawn(commands[name])
         stopping.wait(0.5)
     for child in children.values():
         if child.poll() is None:

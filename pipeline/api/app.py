@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import db
+from pipeline import db, health, metrics
 from pipeline.api import auth, ingest, user_settings, webhooks
 from pipeline.api.openapi import openapi_document
 from pipeline.client import FLUSH_TIMEOUT_S, NotificationProducer
@@ -32,9 +32,9 @@ DEFAULT_HOST: Final = "127.0.0.1"
 SHUTDOWN_TIMEOUT_S: Final = 20.0
 _METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
-REQUESTS = Counter("notify_api_requests_total", "HTTP requests by route, method and status.",
+REQUESTS = metrics.counter("notify_api_requests_total", "HTTP requests by route, method and status.",
                    ["route", "method", "status"])
-REQUEST_SECONDS = Histogram("notify_api_request_seconds", "HTTP request duration by route and method.",
+REQUEST_SECONDS = metrics.histogram("notify_api_request_seconds", "HTTP request duration by route and method.",
                             ["route", "method"],
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20))
 
@@ -69,10 +69,18 @@ async def metrics_middleware(request: web.Request, handler: auth.Handler) -> web
 
 
 async def live(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({**health.LIVE_BODY, "process": "api"})
 
 
-async def metrics(_request: web.Request) -> web.Response:
+def _ready_route(readiness: health.Readiness) -> auth.Handler:
+    async def ready(_request: web.Request) -> web.Response:
+        status, body = await asyncio.to_thread(readiness.report)  # blocking clients: off the event loop
+        return web.json_response({**body, "process": "api"}, status=status)
+
+    return ready
+
+
+async def serve_metrics(_request: web.Request) -> web.Response:
     body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -93,8 +101,9 @@ def create_app(settings: Settings, *, producer: NotificationProducer | None = No
     user_settings.setup(app, settings, outbox)
     webhooks.setup(app, settings)
     app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", _ready_route(health.Readiness(settings)))
     app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", serve_metrics)
 
     async def producer_lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = app[ingest.INGEST]

@@ -29,7 +29,7 @@ KEY_CACHE_MAX_ENTRIES: Final = 10_000
 KEY_LOOKUP_TIMEOUT_S: Final = 3.0
 UNAVAILABLE_RETRY_AFTER_S: Final = 5
 # Reachable without a key: liveness, the API description, and the Prometheus scrape.
-DEFAULT_PUBLIC_PATHS: Final = frozenset({"/health/live", "/openapi.json", "/metrics"})
+DEFAULT_PUBLIC_PATHS: Final = frozenset({"/health/live", "/health/ready", "/openapi.json", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from aiohttp import web
-from prometheus_client import Counter
 
+from pipeline import metrics
 from pipeline.api import auth
 from pipeline.client import FieldProblem, InvalidRequest, NotificationProducer, PreparedNotification, SendOutcome
 
@@ -30,7 +30,7 @@ KAFKA_RETRY_AFTER_S: Final = 5
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 _TIMESTAMP_FIELDS: Final = ("created_at", "expires_at")
 
-NOTIFICATIONS = Counter(
+NOTIFICATIONS = metrics.counter(
     "notify_api_notifications_total", "Notifications received by the ingest API, by lane and outcome "
     "(accepted, invalid, unavailable).", ["lane", "outcome"])
 

@@ -256,6 +256,11 @@ def openapi_document() -> dict[str, Any]:
             },
             "/health/live": {"get": {"operationId": "live", "summary": "The process is up", "security": [],
                                      "responses": {"200": {"description": "Alive."}}}},
+            "/health/ready": {"get": {
+                "operationId": "ready", "summary": "The API reaches Kafka, PostgreSQL and Redis", "security": [],
+                "responses": {"200": {"description": "Ready: every dependency answered."},
+                              "503": {"description": "Not ready; `checks` names the dependency that did not "
+                                                     "answer and why."}}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [],
                                       "responses": {"200": {"description": "OpenAPI 3.1 document."}}}},
         },

@@ -24,10 +24,9 @@ from typing import Any, Final
 
 from aiohttp import web
 from confluent_kafka import KafkaError, Message, Producer
-from prometheus_client import Counter, Gauge
 from psycopg.types.json import Jsonb
 
-from pipeline import db, kafka, serde, topics
+from pipeline import db, kafka, metrics, serde, topics
 from pipeline.api.ingest import json_error, read_json
 from pipeline.client import InvalidRequest
 from pipeline.config import Settings
@@ -41,16 +40,20 @@ RELAY_BATCH: Final = 500
 RELAY_LOCK: Final = 0x6E6F7469  # pg advisory lock id of the settings outbox relay ("noti")
 PUBLISH_TIMEOUT_S: Final = 10.0
 
-PUBLISHED = Counter("notify_settings_published_total", "Settings outbox rows published to Kafka.", ["outcome"])
-PENDING = Gauge("notify_settings_outbox_pending", "Settings outbox rows not yet on Kafka (as of the last relay run).")
-WRITES = Counter("notify_settings_writes_total", "Settings API writes, by outcome.", ["outcome"])
+PUBLISHED = metrics.counter("notify_settings_published_total", "Settings outbox rows published to Kafka.", ["outcome"])
+PENDING = metrics.gauge(
+    "notify_settings_outbox_pending", "Settings outbox rows not yet on Kafka (as of the last relay run).")
+PREFERENCE_CHANGES = metrics.counter(
+    "notify_preference_changes_total", "Opt-outs and opt-ins users made through the settings API, by notification "
+    "type (category) and channel.", ["channel", "category", "change"])
+WRITES = metrics.counter("notify_settings_writes_total", "Settings API writes, by outcome.", ["outcome"])
 
 SELECT_SETTINGS = """
 SELECT timezone, channel_preference, category_settings, to_char(quiet_hours_start, 'HH24:MI'),
        to_char(quiet_hours_end, 'HH24:MI'), digest, phone_e164, email, device_tokens, version, updated_at
 FROM user_notification_settings WHERE user_id = %s
 """
-LOCK_VERSION = "SELECT version FROM user_notification_settings WHERE user_id = %s FOR UPDATE"
+LOCK_VERSION = "SELECT version, category_settings FROM user_notification_settings WHERE user_id = %s FOR UPDATE"
 UPSERT_SETTINGS = """
 INSERT INTO user_notification_settings (user_id, timezone, channel_preference, category_settings,
     quiet_hours_start, quiet_hours_end, digest, phone_e164, email, device_tokens, version, updated_at)
@@ -200,6 +203,9 @@ async def put_settings(request: web.Request) -> web.Response:
         row = await (await conn.execute(INSERT_OUTBOX, (outbox.topic, user_id, version, payload))).fetchone()
     assert row is not None
     WRITES.labels("stored").inc()
+    for category, channel, change in policy.opt_out_changes(None if current is None else current[1],
+                                                            record["categories"]):
+        PREFERENCE_CHANGES.labels(channel, category, change).inc()
     # Publish now rather than on the next tick (bounded; the relay retries whatever this does not finish).
     with contextlib.suppress(Exception):
         await asyncio.wait_for(outbox.relay_once(), PUBLISH_TIMEOUT_S + 6)

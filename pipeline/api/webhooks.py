@@ -28,11 +28,10 @@ from typing import Any, Final, NoReturn
 
 from aiohttp import web
 from confluent_kafka import KafkaException
-from prometheus_client import Counter
 
 from connectors.base import Connector, Receipt
 from connectors.factory import create_connector
-from pipeline import serde, topics
+from pipeline import metrics, serde, topics
 from pipeline.api import auth
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BODY_BYTES, json_error
 from pipeline.client import AckedProducer, ProducerClosed
@@ -49,9 +48,10 @@ _SIGNATURE_HEADERS: Final[Mapping[str, tuple[str, ...]]] = {
     "sendgrid": ("X-Twilio-Email-Event-Webhook-Signature", "X-Twilio-Email-Event-Webhook-Timestamp"),
 }
 
-REJECTED = Counter("notify_webhook_rejected_total", "Webhook requests refused, by provider and reason "
+REJECTED = metrics.counter("notify_webhook_rejected_total", "Webhook requests refused, by provider and reason "
                    "(unsigned, bad_signature, unparsable).", ["provider", "reason"])
-RECEIPTS = Counter("notify_webhook_receipts_total", "Receipts Kafka acknowledged, by provider and mapped status.",
+RECEIPTS = metrics.counter(
+    "notify_webhook_receipts_total", "Receipts Kafka acknowledged, by provider and mapped status.",
                    ["provider", "status"])
 
 

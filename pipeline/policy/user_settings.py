@@ -143,3 +143,16 @@ def parse(user_id: str, body: Any, *, version: int, now: datetime.datetime) -> d
 def as_json(record: Mapping[str, Any]) -> dict[str, Any]:
     """A UserSettings record as the API shows it."""
     return {**record, "updated_at": record["updated_at"].isoformat().replace("+00:00", "Z")}
+
+
+def opt_out_changes(before: Mapping[str, Any] | None,
+                    after: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """What a settings write changed in opt-outs: (notification type, channel, "opt_out" | "opt_in") for each
+    channel newly in, or no longer in, a category's opted_out_channels. `before` is None for a new user."""
+    changes = []
+    for notification_type in sorted(set(before or {}) | set(after)):
+        was = set(((before or {}).get(notification_type) or {}).get("opted_out_channels") or ())
+        now = set((after.get(notification_type) or {}).get("opted_out_channels") or ())
+        changes += [(notification_type, channel, "opt_out") for channel in sorted(now - was)]
+        changes += [(notification_type, channel, "opt_in") for channel in sorted(was - now)]
+    return changes

@@ -13,15 +13,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import Counter
-
-from pipeline import db
+from pipeline import db, metrics
 from pipeline.stages.runtime import HEADER_RELEASED, Stage, StageContext
 
 log = logging.getLogger("notify.holds")
 
-HELD = Counter("notify_held_total", "Messages put on hold, by reason.", ["stage", "lane", "reason"])
-RELEASED = Counter("notify_released_total", "Held messages released when due.", ["stage", "lane", "reason"])
+HELD = metrics.counter("notify_held_total", "Messages put on hold, by reason.", ["stage", "lane", "reason"])
+RELEASED = metrics.counter("notify_released_total", "Held messages released when due.", ["stage", "lane", "reason"])
 
 INSERT_HOLD = """
 INSERT INTO held_messages (hold_id, topic, message_key, message_value, reason, notification_id, due_at)

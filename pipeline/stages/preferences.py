@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline import db, serde, topics
+from pipeline import db, metrics, serde, topics
 from pipeline.errors import DecodeError
 from pipeline.policy import preferences as policy
 from pipeline.stages import holds
@@ -27,6 +27,10 @@ from pipeline.stages.runtime import (
 )
 
 log = logging.getLogger("notify.preferences")
+
+SUPPRESSED = metrics.counter(
+    "notify_suppressed_total", "Deliveries the user's preferences suppressed (opted out, no contact for the "
+    "channel, ...), by reason.", ["lane", "channel", "type", "reason"])
 
 INSERT_SUPPRESSED = """
 INSERT INTO deliveries (notification_id, channel, state, last_error_code, final_at)
@@ -116,6 +120,7 @@ def build(ctx: StageContext) -> Stage:
                     await conn.execute(INSERT_SUPPRESSED, (notification_id, channel, reason))
             for channel, reason in decision.suppressed:
                 await ctx.emit(request, "suppressed", channel=channel, error_code=reason)
+                SUPPRESSED.labels(lane, channel, request["type"], reason).inc()
         for target in decision.send:
             task = delivery_task(request, target, lane)
             ctx.send(topics.routed_topic(lane), request["user_id"], ctx.codec.encode(serde.DELIVERY_TASK, task))

@@ -12,20 +12,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import Counter
-
-from pipeline import db, deliveries, serde, topics
+from pipeline import db, deliveries, metrics, serde, topics
 from pipeline.policy import providers as policy
 from pipeline.policy import recovery
-from pipeline.stages.runtime import Record, Stage, StageContext
+from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
 
 log = logging.getLogger("notify.receipts")
 
 CHANNEL_OF = {"twilio": "sms", "termii": "sms", "sendgrid": "email", "mailgun": "email"}
 HEADER_FALLBACK_FROM = "notify-fallback-from"
 
-RECEIPTS = Counter("notify_receipts_total", "Receipts the receipts stage applied, by provider and result.",
-                   ["provider", "status", "result"])
+RECEIPTS = metrics.counter(
+    "notify_receipts_total", "Receipts the receipts stage applied, by provider and result.",
+    ["provider", "status", "result"])
+DELIVERED_LATENCY = metrics.histogram(
+    "notify_delivered_latency_seconds", "From a notification's creation to its provider's delivered receipt.",
+    ["lane", "channel", "type"], buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600))
 
 
 class ReceiptHandler:
@@ -85,6 +87,9 @@ class ReceiptHandler:
         await self.ctx.emit(row.subject, step.action, channel=channel, provider=provider, lane=row.lane,
                             attempt=row.attempt_count, error_code=code if step.action == "failed" else None,
                             error_message=receipt.get("error_message"))
+        if step.action == "delivered":
+            DELIVERED_LATENCY.labels(row.lane, channel, row.notification_type).observe(
+                max(0.0, (utcnow() - row.created_at).total_seconds()))
         return step.action
 
 

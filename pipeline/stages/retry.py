@@ -28,9 +28,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline import kafka, topics
+from pipeline import kafka, metrics, topics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.stages.runtime import (
@@ -58,14 +57,15 @@ HEADER_REDRIVEN = "notify-redriven-at"
 POLL_MAX_S = 0.25
 BATCH_SIZE = 500
 
-RELEASED = Counter("notify_retry_released_total", "Records a retry tier released to their send topic.",
+RELEASED = metrics.counter("notify_retry_released_total", "Records a retry tier released to their send topic.",
                    ["lane", "tier"])
-RELEASE_LATENESS = Histogram(
+RELEASE_LATENESS = metrics.histogram(
     "notify_retry_release_lateness_seconds", "How long after its due time a retry was released.", ["lane"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-PARKED = Gauge("notify_retry_parked_partitions", "Tier partitions paused until their head comes due.", ["lane"])
-SCHEDULED = Counter("notify_retry_scheduled_total", "Deliveries written to a retry tier.", ["lane", "channel", "tier"])
-DEAD_LETTERED = Counter("notify_dlq_total", "Records written to the dead-letter queue, by reason.",
+PARKED = metrics.gauge("notify_retry_parked_partitions", "Tier partitions paused until their head comes due.", ["lane"])
+SCHEDULED = metrics.counter(
+    "notify_retry_scheduled_total", "Deliveries written to a retry tier.", ["lane", "channel", "tier"])
+DEAD_LETTERED = metrics.counter("notify_dlq_total", "Records written to the dead-letter queue, by reason.",
                         ["lane", "channel", "reason"])
 
 
@@ -183,7 +183,7 @@ class TierReleaser:
     def _handle(self, messages: list[Message]) -> list[TopicPartition]:
         """Keep what was fetched behind each partition's head, forward what is due, pause partitions whose head is
         not and resume those with nothing kept; the offsets to commit once Kafka acknowledged the forwards."""
-        for record in records_of(messages, self.ctx.group_id):
+        for record in records_of(messages, self.ctx):
             kept = self.parked.setdefault((record.topic, record.partition), collections.deque())
             kept.append((record, due_s(record, self.delays.get(record.topic, 0.0))))
         now = time.time()

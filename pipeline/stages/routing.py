@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import datetime
 
-from prometheus_client import Counter
-
-from pipeline import db, serde, topics
+from pipeline import db, metrics, serde, topics
 from pipeline.ratelimit import RateLimiter
 from pipeline.stages import holds
 from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
 
-RATE_LIMIT_DEGRADED = Counter(
+RATE_LIMIT_DEGRADED = metrics.counter(
     "notify_ratelimit_degraded_total", "Critical sends let through while Redis was unavailable.", ["lane"])
 REDIS_OUTAGE_HOLD = datetime.timedelta(seconds=30)
 

@@ -32,30 +32,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
-from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline import kafka, serde, topics
+from pipeline import kafka, metrics, serde, topics
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.errors import DecodeError
 
 log = logging.getLogger("notify.stage")
 
-STAGE_MESSAGES = Counter(
+STAGE_MESSAGES = metrics.counter(
     "notify_stage_messages_total", "Messages a stage finished, by outcome.", ["stage", "lane", "outcome"])
-STAGE_SECONDS = Histogram(
+STAGE_SECONDS = metrics.histogram(
     "notify_stage_processing_seconds", "Time a stage spent on one message.", ["stage", "lane"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-STAGE_QUEUE_SECONDS = Histogram(
+STAGE_QUEUE_SECONDS = metrics.histogram(
     "notify_stage_queue_latency_seconds", "Time from a notification's creation to this stage picking it up.",
     ["stage", "lane"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
-STAGE_BATCH = Histogram(
+STAGE_BATCH = metrics.histogram(
     "notify_stage_batch_size", "Records per consumed batch.", ["stage", "lane"],
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000))
-STAGE_ASSIGNED = Gauge("notify_stage_assigned_partitions", "Partitions this worker owns.", ["stage", "lane"])
-QUARANTINED = Counter(
+STAGE_ASSIGNED = metrics.gauge("notify_stage_assigned_partitions", "Partitions this worker owns.", ["stage", "lane"])
+QUARANTINED = metrics.counter(
     "notify_quarantined_total", "Messages sent to the invalid topic, by reason.", ["stage", "lane", "reason"])
-EVENTS = Counter("notify_delivery_events_total", "Delivery events emitted, by status.", ["stage", "lane", "status"])
+ERRORS = metrics.counter(
+    "notify_stage_errors_total", "Failures a worker caught and routed, by kind: message (the handler raised; the "
+    "message was quarantined), batch (a batch handler failed and is retried), timer, consumer (Kafka reported an "
+    "error), round (a releaser or reconciler round failed).", ["stage", "lane", "kind"])
+EVENTS = metrics.counter(
+    "notify_delivery_events_total", "Delivery events emitted, by status.", ["stage", "lane", "status"])
 
 HEADER_REASON = "notify-reason"
 HEADER_DETAIL = "notify-detail"
@@ -100,15 +104,16 @@ class Record:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
 
-def records_of(messages: Iterable[Message], group_id: str) -> list[Record]:
-    """The records of a consumed batch; errors are logged and skipped (end-of-partition is not one)."""
+def records_of(messages: Iterable[Message], ctx: StageContext) -> list[Record]:
+    """The records of a consumed batch; errors are logged, counted and skipped (end-of-partition is not one)."""
     records = []
     for message in messages:
         error = message.error()
         if error is None:
             records.append(Record.of(message))
         elif error.code() != KafkaError._PARTITION_EOF:
-            log.warning("%s: consumer error %s", group_id, error)
+            ERRORS.labels(ctx.stage, ctx.lane, "consumer").inc()
+            log.warning("%s: consumer error %s", ctx.group_id, error)
     return records
 
 
@@ -239,6 +244,7 @@ async def guarded(ctx: StageContext, record: Record, handle: Handler) -> None:
         outcome = await handle(ctx, record)
     except Exception as exc:  # the last line of defence: the message must go somewhere
         outcome = "error"
+        ERRORS.labels(ctx.stage, ctx.lane, "message").inc()
         log.exception("%s/%s failed on %s", ctx.stage, ctx.lane, record.source)
         await ctx.quarantine(record, "stage_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
     STAGE_MESSAGES.labels(ctx.stage, ctx.lane, outcome).inc()
@@ -442,6 +448,7 @@ class StageRunner:
             except Exception:
                 if self._stopping.is_set() or time.monotonic() - started > BATCH_RETRY_S:
                     raise
+                ERRORS.labels(self.ctx.stage, self.ctx.lane, "batch").inc()
                 log.exception("%s: batch of %d failed; retrying in %.1fs", self.ctx.group_id, len(records), pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 10.0)
@@ -457,6 +464,7 @@ class StageRunner:
                 await timer.run()
                 await self.ctx.settle()
             except Exception:  # a timer's failure must not end the worker: the next tick retries
+                ERRORS.labels(self.ctx.stage, self.ctx.lane, "timer").inc()
                 log.exception("%s: timer %s failed; retrying next tick", self.ctx.group_id, timer.name)
 
     async def run(self) -> None:
@@ -480,7 +488,7 @@ class StageRunner:
                     continue
                 by_partition: dict[tuple[str, int], list[Record]] = defaultdict(list)
                 offsets: dict[tuple[str, int], int] = {}
-                for record in records_of(messages, self.ctx.group_id):
+                for record in records_of(messages, self.ctx):
                     by_partition[(record.topic, record.partition)].append(record)
                     offsets[(record.topic, record.partition)] = record.offset + 1
                 STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane).observe(len(messages))

@@ -34,42 +34,45 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
 from psycopg.types.json import Jsonb
 
 from connectors.base import Connector, Message, Outcome
 from connectors.factory import create_connector
-from pipeline import db, serde, topics
+from pipeline import db, metrics, serde, topics
 from pipeline.breaker import BreakerBoard
 from pipeline.domain import CHANNELS
+from pipeline.policy import cost, recovery
 from pipeline.policy import providers as policy
-from pipeline.policy import recovery
 from pipeline.policy.templates import Rendered, TemplateError, render
 from pipeline.stages import retry
 from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
 
 log = logging.getLogger("notify.sender")
 
-PROVIDER_SECONDS = Histogram(
+PROVIDER_SECONDS = metrics.histogram(
     "notify_provider_request_seconds", "Provider call latency, by outcome.", ["provider", "channel", "outcome"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30))
-PROVIDER_OUTCOMES = Counter(
+PROVIDER_OUTCOMES = metrics.counter(
     "notify_provider_outcomes_total", "Provider calls, by outcome and reason.",
     ["provider", "channel", "outcome", "reason"])
-IN_FLIGHT = Gauge("notify_sender_in_flight", "Sends in flight in this worker.", ["lane"])
-PROVIDER_IN_FLIGHT = Gauge("notify_provider_in_flight", "Calls in flight to a provider in this worker.",
+IN_FLIGHT = metrics.gauge("notify_sender_in_flight", "Sends in flight in this worker.", ["lane"])
+PROVIDER_IN_FLIGHT = metrics.gauge("notify_provider_in_flight", "Calls in flight to a provider in this worker.",
                            ["provider"])
-DELIVERIES = Counter(
+DELIVERIES = metrics.counter(
     "notify_sender_deliveries_total", "Deliveries the sender settled, by resulting state.",
     ["lane", "channel", "state"])
-SEND_LATENCY = Histogram(
+SEND_LATENCY = metrics.histogram(
     "notify_send_latency_seconds", "From a notification's creation to a provider accepting it.",
     ["lane", "channel", "type"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900))
-SKIPPED = Counter("notify_sender_skipped_total", "Tasks not sent because their row was not claimable.", ["lane"])
-SHADOW_SECONDS = Histogram(
+COST = metrics.counter(
+    "notify_provider_cost_usd_total", "What accepted messages cost, in USD, from NOTIFY_PROVIDER_PRICES_USD (SMS per "
+    "segment).", ["provider", "channel"])
+SKIPPED = metrics.counter(
+    "notify_sender_skipped_total", "Tasks not sent because their row was not claimable.", ["lane"])
+SHADOW_SECONDS = metrics.histogram(
     "notify_shadow_request_seconds", "Latency of shadow (test-mode) calls to a candidate provider.",
     ["provider", "channel"], buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10))
-SHADOW_OUTCOMES = Counter(
+SHADOW_OUTCOMES = metrics.counter(
     "notify_shadow_outcomes_total", "Shadow calls to a candidate provider, by outcome.",
     ["provider", "channel", "outcome"])
 SHADOW_MAX_IN_FLIGHT = 100  # shadow traffic never competes for more than this
@@ -186,6 +189,7 @@ class Sender:
         self.rng = rng or random.Random()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
+        self.prices = dict(ctx.settings.provider_prices_usd)
         self.tiers = retry.tiers(ctx.settings, ctx.lane)
         self.delays = [delay for _, delay in self.tiers]
         # every provider a route can name: their breakers are read once per batch
@@ -349,6 +353,9 @@ class Sender:
         self.latencies[provider].append(outcome.latency_s)
         PROVIDER_SECONDS.labels(provider, message.channel, outcome.kind).observe(outcome.latency_s)
         PROVIDER_OUTCOMES.labels(provider, message.channel, outcome.kind, outcome.reason).inc()
+        if outcome.kind == "accepted":
+            COST.labels(provider, message.channel).inc(
+                cost.message_cost(self.prices, provider, message.channel, message.body))
         return outcome
 
     def _park(self, job: Job, code: str, message: str) -> None:
