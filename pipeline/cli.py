@@ -52,10 +52,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     workers = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all"], env=env)
     api = subprocess.Popen([sys.executable, "-m", "pipeline", "api"], env=env)
     children += [api, workers]
-    print(f"\npipeline running: API on http://127.0.0.1:{settings.api_port} (OpenAPI at /openapi.json), "
-          f"API metrics on :{settings.api_port}/metrics, worker metrics on :{settings.metrics_port + 1}.. "
-          "\nCtrl-C stops the workers and the API (the stack keeps running: `notify stack down`).", flush=True)
     try:
+        _wait_for_pipeline(settings, lambda: workers.poll() is None and api.poll() is None)
+        print(f"\npipeline running: API on http://127.0.0.1:{settings.api_port} (OpenAPI at /openapi.json); "
+              f"/metrics, /health/live and /health/ready on the API, every worker (:{settings.metrics_port + 1}..) "
+              f"and the lag exporter; Prometheus on http://127.0.0.1:{settings.prometheus_port} scrapes them all."
+              "\nCtrl-C stops the workers and the API (the stack keeps running: `notify stack down`).", flush=True)
         while workers.poll() is None and api.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -69,6 +71,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
     return 0
+
+
+def _wait_for_pipeline(settings: config.Settings, alive: Callable[[], bool], timeout_s: float = 120.0) -> None:
+    """Until the API, every worker and the exporter answer /health/ready (or `timeout_s`); then show them."""
+    from pipeline import stack
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = stack.pipeline_health(settings)
+        if all(group.all_ready for group in groups) or time.monotonic() > deadline or not alive():
+            break
+        time.sleep(1.0)
+    for group in groups:
+        print(f"{group.name:10} {group.address:40} {group.shown()}", flush=True)
 
 
 def _cmd_api(args: argparse.Namespace) -> int:

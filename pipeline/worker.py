@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from pipeline import exporter, health, kafka
+from pipeline import health, kafka
 from pipeline.config import Settings
 from pipeline.domain import LANES, STAGES, Lane
 from pipeline.reconcile import Reconciler
@@ -109,6 +109,8 @@ def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
 
 def run_exporter(settings: Settings) -> int:
     """`notify exporter`: the consumer-lag exporter (pipeline/exporter.py) with its /metrics and health."""
+    from pipeline import exporter  # imported here only: its metrics belong to the exporter process alone
+
     logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
                         "%(message)s")
     lag_exporter = exporter.build(settings)

@@ -11,6 +11,7 @@ string or bracket, a Grafana variable glued to a name) raises ValueError rather 
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ _TOKEN = re.compile(r"""
     (?P<space>\s+)
   | (?P<comment>\#[^\n]*)
   | (?P<string>"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|`[^`]*`)
-  | (?P<variable>\$\{[^}]*\}|\$\w+|\[\[[^\]]*\]\])
+  | (?P<variable>\$\{[^}]*\}|\$\w+|\[\[[\w:.]+\]\])
   | (?P<number>\d[\w.]*|\.\d[\w.]*)
   | (?P<ident>[A-Za-z_:][\w:]*)
   | (?P<op>==|!=|=~|!~|<=|>=|[-+*/%^=<>@,(){}\[\]:])
@@ -54,7 +55,7 @@ def tokens(expr: str) -> list[Token]:
         if kind not in ("space", "comment"):
             result.append(Token(kind, match.group(), match.start(), match.end()))
         position = match.end()
-    for before, after in zip(result, result[1:], strict=False):
+    for before, after in itertools.pairwise(result):
         if before.end != after.start:
             continue
         in_name = (before.kind == "variable" and (after.kind == "ident" or after.text == "{")) or (
@@ -87,7 +88,7 @@ def _matcher_names(inner: list[Token]) -> set[str]:
     return names
 
 
-def _closing(items: list[Token], index: int, opening: str, closing: str) -> int:
+def _closing(expr: str, items: list[Token], index: int, opening: str, closing: str) -> int:
     """Index of the token that closes the bracket opened at `index`."""
     depth = 0
     for position in range(index, len(items)):
@@ -97,7 +98,7 @@ def _closing(items: list[Token], index: int, opening: str, closing: str) -> int:
             depth -= 1
             if depth == 0:
                 return position
-    raise ValueError(f"unclosed {opening!r} at {items[index].start}")
+    raise ValueError(f"unclosed {opening!r} at {items[index].start} in {expr!r}")
 
 
 def metric_names(expr: str) -> set[str]:
@@ -109,19 +110,19 @@ def metric_names(expr: str) -> set[str]:
         token = items[index]
         following = items[index + 1].text if index + 1 < len(items) else ""
         if token.text == "{":
-            end = _closing(items, index, "{", "}")
+            end = _closing(expr, items, index, "{", "}")
             names |= _matcher_names(items[index + 1:end])
             index = end + 1
             continue
         if token.text == "[":  # a range or a subquery: durations and variables only
-            index = _closing(items, index, "[", "]") + 1
+            index = _closing(expr, items, index, "[", "]") + 1
             continue
         if token.text in ("}", "]"):
             raise ValueError(f"unmatched {token.text!r} at {token.start} in {expr!r}")
         if token.kind == "ident":
             word = token.text.lower()
             if word in CLAUSES and following == "(":
-                index = _closing(items, index + 1, "(", ")") + 1  # the label list
+                index = _closing(expr, items, index + 1, "(", ")") + 1  # the label list
                 continue
             if following != "(" and word not in KEYWORDS:
                 names.add(token.text)

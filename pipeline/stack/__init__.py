@@ -1,34 +1,39 @@
 """The local stack: `notify stack up | down | status`.
 
-Kafka (KRaft, from Maven Central jars), PostgreSQL and Redis (from Debian's packages), each the project's own
-instance on loopback with data and logs under the stack folder. A service given through its environment variable
-(KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, REDIS_URL) is used as given: never started, never stopped.
+Kafka (KRaft, from Maven Central jars), PostgreSQL, Redis and Prometheus (from Debian's packages), each the
+project's own instance on loopback with data and logs under the stack folder. Prometheus is optional: when it
+cannot be installed or started, `up` says why and the rest of the stack comes up without it. A service given
+through its environment variable (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, REDIS_URL) is used as given: never
+started, never stopped.
 `up` is idempotent: what runs and answers is left alone, so a second `up` is fast.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import partial
 
+from pipeline import health
 from pipeline.config import Settings
 from pipeline.errors import StackError
 from pipeline.stack.common import wait_until
 from pipeline.stack.kafka import KafkaService, tool_argv
 from pipeline.stack.postgres import PostgresService
+from pipeline.stack.prometheus import PrometheusService
 from pipeline.stack.redis import RedisService
 from pipeline.stack.service import LocalService
 
-__all__ = ["all_ready", "down", "kafka_tool_argv", "services", "status", "up"]
+__all__ = ["GroupHealth", "all_ready", "down", "kafka_tool_argv", "pipeline_health", "services", "status", "up"]
 
 
 def services(settings: Settings) -> list[LocalService]:
-    return [KafkaService(settings), PostgresService(settings), RedisService(settings)]
+    return [KafkaService(settings), PostgresService(settings), RedisService(settings), PrometheusService(settings)]
 
 
 def _line(service: LocalService, state: str) -> str:
     mode = "external" if service.external else "local"
-    return f"{service.name:9} {mode:9} {service.address:40} {state}"
+    return f"{service.name:10} {mode:9} {service.address:40} {state}"
 
 
 def up(settings: Settings) -> int:
@@ -36,8 +41,17 @@ def up(settings: Settings) -> int:
     settings.stack_dir.mkdir(parents=True, exist_ok=True)
     begun = time.monotonic()
     stack = services(settings)
-    launched = {service.name: service.launch() for service in stack}  # all start at once, then we wait
+    launched = {}
+    for service in stack:  # all start at once, then we wait
+        try:
+            launched[service.name] = service.launch()
+        except StackError as exc:
+            if not service.optional:
+                raise
+            print(_line(service, f"skipped (optional): {exc}"), flush=True)
     for service in stack:
+        if service.name not in launched:
+            continue
         started = time.monotonic()
         owned = None if service.external else service.owned()
         ready = wait_until(partial(service.ready_for_setup, 2.0), settings.ready_timeout_s,
@@ -76,13 +90,50 @@ def status(settings: Settings) -> int:
     healthy = True
     for service in services(settings):
         shown, ok = service.health()
-        healthy = healthy and ok
+        healthy = healthy and (ok or service.optional)
         print(_line(service, shown))
+    for group in pipeline_health(settings):
+        print(f"{group.name:10} {'pipeline':9} {group.address:40} {group.shown()}")
     return 0 if healthy else 1
 
 
+@dataclass(frozen=True)
+class GroupHealth:
+    """Health of one kind of pipeline process (api, workers, exporter), from their /health/ready."""
+
+    name: str
+    address: str
+    total: int
+    running: int
+    ready: int
+
+    @property
+    def all_ready(self) -> bool:
+        return self.ready == self.total
+
+    def shown(self) -> str:
+        if self.running == 0:
+            return "not running"
+        not_ready = self.running - self.ready
+        return f"{self.ready}/{self.total} ready" + (f", {not_ready} NOT READY" if not_ready else "")
+
+
+def pipeline_health(settings: Settings) -> list[GroupHealth]:
+    """The API, the workers and the lag exporter at the ports `notify run` gives them. Informational: the stack is
+    healthy whether or not the pipeline runs."""
+    from pipeline.stack.prometheus import targets
+
+    groups = []
+    for job, entries in targets(settings).items():
+        states = [health.probe(f"http://127.0.0.1:{port}/health/ready", timeout_s=2.0)[0] for port, _ in entries]
+        address = f"http://127.0.0.1:{entries[0][0]}" + (f" (+{len(entries) - 1})" if len(entries) > 1 else "")
+        groups.append(GroupHealth(job, address, len(entries), sum(1 for s in states if s is not None),
+                                  sum(1 for s in states if s == 200)))
+    return groups
+
+
 def all_ready(settings: Settings) -> bool:
-    return all(service.ready(2.0) for service in services(settings))
+    return all(service.ready(2.0) for service in services(settings) if not service.optional)
 
 
 def kafka_tool_argv(settings: Settings, tool: str, args: list[str]) -> list[str]:

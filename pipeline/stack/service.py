@@ -13,6 +13,7 @@ from pipeline.stack.common import OwnedProcess, port_open, tail_file
 
 class LocalService(ABC):
     name: ClassVar[str]
+    optional: ClassVar[bool] = False  # the pipeline works without it: `up` reports why it did not start, and goes on
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
