@@ -164,14 +164,15 @@ class Workers:
 
     @classmethod
     def start(cls, settings: Settings, stages: Sequence[str] = ("intake", "preferences", "routing"),
-              env: Mapping[str, str] | None = None) -> Workers:
+              env: Mapping[str, str] | None = None, exporter: bool = False) -> Workers:
         env = {**os.environ, "NOTIFY_TOPIC_PREFIX": settings.topic_prefix,
                "NOTIFY_METRICS_PORT": str(settings.metrics_port), **(env or {})}
         log_path = settings.stack_dir / f"bench-{settings.topic_prefix.strip('.')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("wb")
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all", "--stages",
-                                    ",".join(stages)], env=env, cwd=REPO_ROOT,
+                                    ",".join(stages), "--exporter" if exporter else "--no-exporter"],
+                                   env=env, cwd=REPO_ROOT,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return cls(process, log_path, log)
 

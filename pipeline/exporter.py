@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 from prometheus_client import REGISTRY
@@ -41,6 +41,12 @@ LAST_SUCCESS = metrics.gauge("notify_exporter_last_success_timestamp_seconds",
                              "When the lag exporter last read every group's offsets (Unix time).")
 ERRORS = metrics.counter("notify_exporter_errors_total", "Lag exporter rounds that failed, by what failed.",
                          ["kind"])
+
+
+LAG_LABELS = ("group", "stage", "lane", "topic", "partition")
+END_LABELS = ("topic", "logical_topic", "partition")
+metrics.declare("notify_consumer_lag_messages", "gauge", LAG_LABELS)
+metrics.declare("notify_topic_end_offset", "gauge", END_LABELS)
 
 
 @dataclass(frozen=True)
@@ -107,12 +113,12 @@ class LagCollector(Collector):
         snapshot = self.snapshot
         lags = GaugeMetricFamily("notify_consumer_lag_messages",
                                  "Messages a consumer group has not committed yet: high watermark - committed offset.",
-                                 labels=["group", "stage", "lane", "topic", "partition"])
+                                 labels=list(LAG_LABELS))
         for (group, stage, lane, topic, partition), value in sorted(snapshot.lags.items()):
             lags.add_metric([group, stage, lane, topic, str(partition)], value)
         yield lags
         ends = GaugeMetricFamily("notify_topic_end_offset", "High watermark of a partition of a declared topic.",
-                                 labels=["topic", "logical_topic", "partition"])
+                                 labels=list(END_LABELS))
         for (topic, name, partition), value in sorted(snapshot.ends.items()):
             ends.add_metric([topic, name, str(partition)], value)
         yield ends
@@ -139,7 +145,11 @@ class LagExporter:
             futures = self._admin.list_offsets({tp: latest for tp in partitions},
                                                request_timeout=REQUEST_TIMEOUT_S)
             for tp, future in futures.items():
-                ends[(tp.topic, tp.partition)] = future.result().offset
+                try:
+                    ends[(tp.topic, tp.partition)] = future.result().offset
+                except KafkaException as exc:  # e.g. a leader moving: that partition waits for the next round
+                    ERRORS.labels("partition").inc()
+                    log.info("no high watermark for %s/%d this round: %s", tp.topic, tp.partition, exc)
         listed = self._admin.list_consumer_groups(request_timeout=REQUEST_TIMEOUT_S).result()
         committed: dict[str, list[tuple[str, int, int]]] = {}
         for listing in listed.valid:

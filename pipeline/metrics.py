@@ -31,8 +31,16 @@ LABELS: Final = frozenset({
     "currency", "stuck",
 })
 ENABLED: Final[bool] = bool(config.value("metrics_enabled"))
+# Every metric declared in this process: name -> (kind, label names). Tests read it (which metrics carry a lane).
+DECLARED: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double what Prometheus scrapes, and no rule reads them
+
+
+def declare(name: str, kind: str, labels: Sequence[str]) -> None:
+    """Record a metric (a custom collector's families call this too) after checking its name and labels."""
+    _check(name, labels)
+    DECLARED[name] = (kind, tuple(labels))
 
 
 def _check(name: str, labels: Sequence[str]) -> None:
@@ -73,14 +81,14 @@ class _Off:
 def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
     if not name.endswith("_total"):
         raise ValueError(f"counter {name!r} must end in _total")
-    _check(name, labels)
+    declare(name, "counter", labels)
     return Counter(name, documentation, labels) if ENABLED else cast(Counter, _Off())
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
     if name.endswith("_total"):
         raise ValueError(f"gauge {name!r} must not end in _total (that suffix means a counter)")
-    _check(name, labels)
+    declare(name, "gauge", labels)
     return Gauge(name, documentation, labels) if ENABLED else cast(Gauge, _Off())
 
 
@@ -88,5 +96,5 @@ def histogram(name: str, documentation: str, labels: Sequence[str] = (), *,
               buckets: Sequence[float]) -> Histogram:
     if not name.endswith(HISTOGRAM_UNITS):
         raise ValueError(f"histogram {name!r} must end in its unit, one of {HISTOGRAM_UNITS}")
-    _check(name, labels)
+    declare(name, "histogram", labels)
     return Histogram(name, documentation, labels, buckets=buckets) if ENABLED else cast(Histogram, _Off())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import datetime
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pipeline import config, db, kafka, serde, topics
 from pipeline.bench import Workers, free_port_block
 from pipeline.bench_send import SimulatorProcess, produce, seed, wait_states
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.domain import CRITICAL_TYPES
 from pipeline.reconcile import reconcile_once
 
 LOOP_STAGES = ("sender", "retry", "receipts")
@@ -41,6 +43,7 @@ class LoopRig:
     env: dict[str, str]
     events: TopicReader
     stages: Sequence[str] = LOOP_STAGES
+    exporter: bool = False
 
     # ------------------------------------------------------------------ driving
     def run(self, tasks: Sequence[dict[str, Any]]) -> list[str]:
@@ -54,7 +57,17 @@ class LoopRig:
         return seen
 
     def start_workers(self) -> None:
-        self.workers = Workers.start(self.settings, stages=self.stages, env=self.env)
+        self.workers = Workers.start(self.settings, stages=self.stages, env=self.env, exporter=self.exporter)
+
+    def scrape_targets(self) -> dict[str, list[tuple[int, dict[str, str]]]]:
+        """This rig's processes as Prometheus targets per job (the API, its workers, its exporter if any)."""
+        from pipeline.stack.prometheus import targets
+
+        found = targets(self.settings)
+        return {"api": [(port, dict(labels)) for port, labels in found["api"]],
+                "workers": [(port, dict(labels)) for port, labels in found["workers"]
+                            if labels["stage"] in self.stages],
+                "exporter": [(port, dict(labels)) for port, labels in found["exporter"] if self.exporter]}
 
     def reconcile(self, ids: Sequence[str], **thresholds: float) -> dict[str, Any]:
         """One reconciliation round over `ids`, thresholds zero unless given."""
@@ -97,11 +110,40 @@ class LoopRig:
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(line_start))
 
 
+def mixed_requests(count: int, source: str = "loop-e2e") -> list[dict[str, Any]]:
+    """Half transaction SMS (critical), half portfolio email (bulk), each user its own (and its own phone)."""
+    now = datetime.datetime.now(datetime.UTC)
+    out = []
+    for n in range(count):
+        critical = n % 2 == 0
+        out.append({
+            "notification_id": str(uuid.uuid4()), "idempotency_key": uuid.uuid4().hex,
+            "user_id": f"rp-{uuid.uuid4().hex[:10]}", "type": "transaction" if critical else "portfolio",
+            "channels": ["sms" if critical else "email"],
+            "recipient": {"phone": f"+1415{n:07d}", "email": "ada@example.com", "device_tokens": []},
+            "template_id": "transaction.default" if critical else "portfolio.default", "template_params": {},
+            "created_at": now, "expires_at": now + datetime.timedelta(minutes=30), "source_service": source})
+    return out
+
+
+def produce_requests(settings: Settings, batch: Sequence[dict[str, Any]]) -> list[str]:
+    """NotificationRequests straight onto their lane's requests topic (what the ingest API would produce)."""
+    codec = serde.AvroSerde()
+    producer = kafka.producer(settings, **{"linger.ms": 20})
+    for request in batch:
+        lane = "critical" if request["type"] in CRITICAL_TYPES else "bulk"
+        producer.produce(settings.topic(topics.requests_topic(lane)), key=request["user_id"].encode(),
+                         value=codec.encode(serde.NOTIFICATION_REQUEST, request))
+        producer.poll(0)
+    assert producer.flush(60) == 0
+    return [r["notification_id"] for r in batch]
+
+
 def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGES,
-               env: dict[str, str] | None = None) -> Iterator[LoopRig]:
+               env: dict[str, str] | None = None, exporter: bool = False) -> Iterator[LoopRig]:
     prefix = f"{name}{uuid.uuid4().hex[:8]}."
     api_port = free_port_block(1)
-    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
+    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block(), api_port=api_port)
     topics.apply(mine)
     webhooks = f"http://127.0.0.1:{api_port}/webhooks"
     sim = SimulatorProcess.start(mine, mine.stack_dir / f"{name}-sim-{prefix.strip('.')}.log",
@@ -112,8 +154,8 @@ def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGE
                            env={**os.environ, **env, "NOTIFY_TOPIC_PREFIX": prefix,
                                 "NOTIFY_METRICS_PORT": str(free_port_block(1))},
                            cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
-    workers = Workers.start(mine, stages=stages, env=env)
-    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages)
+    workers = Workers.start(mine, stages=stages, env=env, exporter=exporter)
+    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages, exporter)
     try:
         deadline = time.monotonic() + 30
         while True:

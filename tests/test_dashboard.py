@@ -37,38 +37,21 @@ ROWS: list[tuple[str, set[str]]] = [
     ("Business: opt-outs and suppressions", {"notify_preference_changes_total", "notify_suppressed_total"}),
 ]
 
-# What the pipeline exports (pipeline/metrics.py and the lag exporter), with its labels; `up` is Prometheus's own.
-EXPORTED: dict[str, set[str]] = {
-    "notify_consumer_lag_messages": {"group", "stage", "lane", "topic", "partition"},
-    "notify_topic_end_offset": {"topic", "logical_topic", "partition"},
-    "notify_exporter_last_success_timestamp_seconds": set(),
-    "notify_stage_queue_latency_seconds": {"stage", "lane"},
-    "notify_stage_messages_total": {"stage", "lane", "outcome"},
-    "notify_stage_errors_total": {"stage", "lane", "kind"},
-    "notify_quarantined_total": {"stage", "lane", "reason"},
-    "notify_provider_request_seconds": {"provider", "channel", "outcome"},
-    "notify_provider_outcomes_total": {"provider", "channel", "outcome", "reason"},
-    "notify_retry_scheduled_total": {"lane", "channel", "tier"},
-    "notify_retry_released_total": {"lane", "tier"},
-    "notify_retry_parked_partitions": {"lane"},
-    "notify_dlq_total": {"lane", "channel", "reason"},
-    "notify_breaker_state": {"provider"},
-    "notify_breaker_transitions_total": {"provider", "to"},
-    "notify_sender_in_flight": {"lane"},
-    "notify_provider_in_flight": {"provider"},
-    "notify_sender_deliveries_total": {"lane", "channel", "state"},
-    "notify_send_latency_seconds": {"lane", "channel", "type"},
-    "notify_delivered_latency_seconds": {"lane", "channel", "type"},
-    "notify_provider_cost_usd_total": {"provider", "channel"},
-    "notify_suppressed_total": {"lane", "channel", "type", "reason"},
-    "notify_preference_changes_total": {"channel", "category", "change"},
-    "notify_receipts_total": {"provider", "status", "result"},
-    "notify_api_requests_total": {"route", "method", "status"},
-    "notify_api_request_seconds": {"route", "method"},
-    "up": {"job", "instance"},
-}
-HISTOGRAMS = {"notify_stage_queue_latency_seconds", "notify_provider_request_seconds", "notify_send_latency_seconds",
-              "notify_delivered_latency_seconds", "notify_api_request_seconds"}
+def declared_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every metric the worker, API and exporter modules declare (importing them declares their metrics)."""
+    import pipeline.api.app
+    import pipeline.exporter
+    import pipeline.worker  # noqa: F401 (imported for the metrics it declares)
+    from pipeline import metrics
+
+    return dict(metrics.DECLARED)
+
+
+# What the code declares (pipeline/metrics.py records every metric with its labels as it is made); `up` is
+# Prometheus's own. That the running processes really export them is tests/test_observability.py's contract test.
+EXPORTED: dict[str, set[str]] = {**{name: set(labels) for name, (_, labels) in declared_metrics().items()},
+                                 "up": {"job", "instance"}}
+HISTOGRAMS = {name for name, (kind, _) in declared_metrics().items() if kind == "histogram"}
 SERIES = {name for name in EXPORTED if name not in HISTOGRAMS} | {
     f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 LANE_FILTER = 'lane=~"$lane"'

@@ -11,20 +11,18 @@ Bounded: a few thousand notifications, every wait with a timeout.
 from __future__ import annotations
 
 import collections
-import datetime
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from loop_rig import FINAL, LoopRig, start_loop
+from loop_rig import FINAL, LoopRig, produce_requests, start_loop
+from loop_rig import mixed_requests as requests
 
-from pipeline import kafka, replay, serde, topics
+from pipeline import kafka, replay, serde
 from pipeline.bench_send import states, wait_states
 from pipeline.config import Settings
 
@@ -45,34 +43,6 @@ def rig(loop: LoopRig) -> LoopRig:
     if not loop.workers.alive():
         loop.start_workers()
     return loop
-
-
-def requests(count: int) -> list[dict[str, Any]]:
-    """Half transaction SMS (critical), half portfolio email (bulk), each user its own (and its own phone)."""
-    now = datetime.datetime.now(datetime.UTC)
-    out = []
-    for n in range(count):
-        critical = n % 2 == 0
-        out.append({
-            "notification_id": str(uuid.uuid4()), "idempotency_key": uuid.uuid4().hex,
-            "user_id": f"rp-{uuid.uuid4().hex[:10]}", "type": "transaction" if critical else "portfolio",
-            "channels": ["sms" if critical else "email"],
-            "recipient": {"phone": f"+1415{n:07d}", "email": "ada@example.com", "device_tokens": []},
-            "template_id": "transaction.default" if critical else "portfolio.default", "template_params": {},
-            "created_at": now, "expires_at": now + datetime.timedelta(minutes=30), "source_service": "replay-e2e"})
-    return out
-
-
-def produce_requests(settings: Settings, batch: Sequence[dict[str, Any]]) -> list[str]:
-    codec = serde.AvroSerde()
-    producer = kafka.producer(settings, **{"linger.ms": 20})
-    for request in batch:
-        lane = "critical" if request["type"] == "transaction" else "bulk"
-        producer.produce(settings.topic(topics.requests_topic(lane)), key=request["user_id"].encode(),
-                         value=codec.encode(serde.NOTIFICATION_REQUEST, request))
-        producer.poll(0)
-    assert producer.flush(60) == 0
-    return [r["notification_id"] for r in batch]
 
 
 def groups_of(settings: Settings) -> dict[str, list[str]]:

@@ -190,6 +190,12 @@ class Sender:
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
         self.prices = dict(ctx.settings.provider_prices_usd)
+        for channel, providers in policy.DEFAULT_ORDER.items():
+            for provider in providers:
+                # At 0 from the start: rate() cannot see the increase of a counter that appears at its first
+                # increment, so a fresh worker's first calls would be missing from every ratio.
+                PROVIDER_OUTCOMES.labels(provider, channel, "accepted", "ok")
+                COST.labels(provider, channel)
         self.tiers = retry.tiers(ctx.settings, ctx.lane)
         self.delays = [delay for _, delay in self.tiers]
         # every provider a route can name: their breakers are read once per batch
