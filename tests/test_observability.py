@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -298,3 +299,24 @@ def test_every_process_of_the_run_is_live_and_ready(rig: LoopRig) -> None:
                   if not name.startswith("exporter") else "exporter"}), name
         status, body = health.probe(f"http://127.0.0.1:{port}/health/ready")
         assert status == 200 and body["checks"] == {"kafka": "ok", "postgres": "ok", "redis": "ok"}, (name, body)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+def test_the_committed_targets_are_the_default_ports_and_the_stack_config_checks(settings: Settings) -> None:
+    """infra/prometheus/targets/ (what docker-compose's Prometheus reads) lists the processes `notify run` starts
+    with default settings; the stack's copy of the config passes promtool."""
+    from pipeline import config
+    from pipeline.stack.common import find_binary
+
+    for job, entries in prometheus.targets(config.load({})).items():
+        committed = json.loads((REPO / "infra" / "prometheus" / "targets" / f"{job}-local.json").read_text())
+        assert committed == prometheus.file_sd(entries), f"regenerate infra/prometheus/targets/{job}-local.json"
+    promtool = find_binary("promtool")
+    assert promtool is not None
+    for config_file in (REPO / "infra" / "prometheus" / "prometheus.yml",
+                        prometheus.config_dir(settings) / "prometheus.yml"):
+        checked = subprocess.run([promtool, "check", "config", str(config_file)], capture_output=True, text=True,
+                                 check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
