@@ -81,6 +81,7 @@ class SettingsOutbox:
 
     def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
         self.settings = settings
+        self._owns_producer = producer is None  # a given producer is the caller's to close
         self.producer = producer or kafka.producer(settings, **{"delivery.timeout.ms": int(PUBLISH_TIMEOUT_S * 1000)})
         self.topic = settings.topic(topics.USER_SETTINGS)
 
@@ -141,6 +142,8 @@ class SettingsOutbox:
 
     def close(self) -> None:
         self.producer.flush(5)
+        if self._owns_producer:  # else its connections outlive the app (and keep retrying a stopped broker)
+            self.producer.close()
 
 
 OUTBOX = web.AppKey("notify.settings_outbox", SettingsOutbox)
