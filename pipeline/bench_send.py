@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from connectors.simulator.admin import admin_call
-from pipeline import config, db, kafka, serde, topics
+from pipeline import config, db, kafka, metrics, serde, topics
 from pipeline.bench import Workers, free_port_block
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import lane_for
@@ -284,7 +284,8 @@ def run_send_bench(settings: Settings, *, count: int = 4000, latencies_ms: Seque
             print(f"\nprovider latency {latency:.0f} ms (+-{latency / 5:.0f}):")
             print(f"  accepted {result['accepted']}/{result['count']} in {result['elapsed_s']:.1f} s: "
                   f"{result['throughput']:.0f} notifications/s; simulator ledger {result['ledger']} messages")
-            print(f"  peak sends in flight (both workers): {result['peak_in_flight']:.0f}")
+            print("  peak sends in flight (both workers): " + (f"{result['peak_in_flight']:.0f}" if metrics.ENABLED
+                                                                else "not measured (NOTIFY_METRICS=off)"))
             print(f"  worker CPU per notification: {result['cpu_ms_per_notification']:.2f} ms")
             for provider, text in result["provider"].items():
                 print(f"  provider call {provider}: {text}")
