@@ -167,6 +167,10 @@ SETTINGS: dict[str, Setting] = {
         "Use this PostgreSQL database instead of starting one (postgresql://user:pass@host:port/db).", str),
     "postgres_port": Setting("NOTIFY_POSTGRES_PORT", "55432", "Local PostgreSQL port (127.0.0.1).", _port),
     "prometheus_port": Setting("NOTIFY_PROMETHEUS_PORT", "59090", "Local Prometheus port (127.0.0.1).", _port),
+    "prometheus_url": Setting(
+        "PROMETHEUS_URL", None,
+        "Use this Prometheus instead of starting one (http://host:port); it must load infra/prometheus/ itself.",
+        _url),
     "redis_url": Setting("REDIS_URL", None, "Use this Redis instead of starting one (redis://host:port/db).", str),
     "redis_port": Setting("NOTIFY_REDIS_PORT", "56379", "Local Redis port (127.0.0.1).", _port),
     "schema_registry_url": Setting(
@@ -374,6 +378,7 @@ class Settings:
     database_url: str | None
     postgres_port: int
     prometheus_port: int
+    prometheus_url: str | None
     redis_url: str | None
     redis_port: int
     schema_registry_url: str | None

@@ -45,7 +45,7 @@ def owned_pids(settings: Settings) -> dict[str, int]:
 
 def external_env(settings: Settings) -> dict[str, str]:
     return {"KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DATABASE_URL": settings.dsn,
-            "REDIS_URL": settings.redis_dsn}
+            "REDIS_URL": settings.redis_dsn, "PROMETHEUS_URL": f"http://127.0.0.1:{settings.prometheus_port}"}
 
 
 @pytest.fixture
@@ -74,8 +74,11 @@ def test_status_shows_each_service_its_address_and_health(settings: Settings) ->
     done = notify("stack", "status")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["kafka", "postgres", "redis"]
-    assert all(line.split()[1] == "local" and line.endswith("ready") for line in lines), done.stdout
+    assert [line.split()[0] for line in lines] == ["kafka", "postgres", "redis", "prometheus", "api", "workers",
+                                                   "exporter"]
+    assert all(line.split()[1] == "local" and line.endswith("ready") for line in lines[:4]), done.stdout
+    # the pipeline's processes, from their /health/ready at the ports `notify run` gives them (none run here)
+    assert all(line.split()[1] == "pipeline" and line.endswith("not running") for line in lines[4:]), done.stdout
     assert f"127.0.0.1:{settings.kafka_port}" in lines[0]
     assert f"127.0.0.1:{settings.postgres_port}" in lines[1]
     assert f"127.0.0.1:{settings.redis_port}" in lines[2]
@@ -86,14 +89,14 @@ def test_services_given_by_environment_are_used_and_never_started_or_stopped(
     env = {**external_env(settings), "NOTIFY_STACK_DIR": str(other_stack_dir)}
     up = notify("stack", "up", env=env)
     assert up.returncode == 0, up.stdout + up.stderr
-    assert [line.split()[1] for line in up.stdout.splitlines()[:3]] == ["external"] * 3, up.stdout
-    assert up.stdout.count("external, ready") == 3
+    assert [line.split()[1] for line in up.stdout.splitlines()[:4]] == ["external"] * 4, up.stdout
+    assert up.stdout.count("external, ready") == 4
     assert not list(other_stack_dir.glob("*/owned.json")), "nothing may be started for external services"
     assert "password" not in up.stdout and ":notify@" not in up.stdout, "addresses are shown without passwords"
 
     down = notify("stack", "down", env=env)
     assert down.returncode == 0
-    assert down.stdout.count("external: left alone") == 3
+    assert down.stdout.count("external: left alone") == 4
     assert stack.all_ready(settings), "the services given by the environment must still run"
 
 

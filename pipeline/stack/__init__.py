@@ -3,8 +3,8 @@
 Kafka (KRaft, from Maven Central jars), PostgreSQL, Redis and Prometheus (from Debian's packages), each the
 project's own instance on loopback with data and logs under the stack folder. Prometheus is optional: when it
 cannot be installed or started, `up` says why and the rest of the stack comes up without it. A service given
-through its environment variable (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, REDIS_URL) is used as given: never
-started, never stopped.
+through its environment variable (KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL, REDIS_URL, PROMETHEUS_URL) is used as
+given: never started, never stopped.
 `up` is idempotent: what runs and answers is left alone, so a second `up` is fast.
 """
 
@@ -41,16 +41,18 @@ def up(settings: Settings) -> int:
     settings.stack_dir.mkdir(parents=True, exist_ok=True)
     begun = time.monotonic()
     stack = services(settings)
-    launched = {}
+    launched: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for service in stack:  # all start at once, then we wait
         try:
             launched[service.name] = service.launch()
         except StackError as exc:
             if not service.optional:
                 raise
-            print(_line(service, f"skipped (optional): {exc}"), flush=True)
+            skipped[service.name] = str(exc)
     for service in stack:
-        if service.name not in launched:
+        if service.name in skipped:
+            print(_line(service, f"skipped (optional): {skipped[service.name]}"), flush=True)
             continue
         started = time.monotonic()
         owned = None if service.external else service.owned()

@@ -87,7 +87,7 @@ class PrometheusService(LocalService):
 
     @property
     def external(self) -> bool:
-        return False
+        return self.settings.prometheus_url is not None
 
     @property
     def address(self) -> str:
@@ -95,7 +95,7 @@ class PrometheusService(LocalService):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.prometheus_port}"
+        return self.settings.prometheus_url or f"http://127.0.0.1:{self.settings.prometheus_port}"
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -117,6 +117,8 @@ class PrometheusService(LocalService):
 
     def after_ready(self) -> None:
         """Refresh the copied config and rules (they may have changed since it started) and have it re-read them."""
+        if self.external:  # its configuration is its owner's
+            return
         prepare_config(self.settings)
         request = urllib.request.Request(f"{self.url}/-/reload", method="POST")
         with urllib.request.urlopen(request, timeout=10):
