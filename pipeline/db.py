@@ -144,17 +144,23 @@ async def close_async_pools() -> None:
         await p.close()
 
 
+def check(settings: Settings, timeout_s: float) -> None:
+    """Return when the database answers `SELECT 1` (one attempt, bounded by about timeout_s); raise if not."""
+    kwargs = connection_kwargs(connect_timeout_s=math.ceil(max(timeout_s, 0)))
+    with psycopg.connect(settings.dsn, autocommit=True, **kwargs) as conn:
+        row = conn.execute("SELECT 1").fetchone()
+    if row != (1,):
+        raise psycopg.OperationalError(f"SELECT 1 answered {row!r}")
+
+
 def ready(settings: Settings, timeout_s: float) -> bool:
     """True as soon as the database answers `SELECT 1`; False if it has not within about timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
         remaining = deadline - time.monotonic()
         try:
-            kwargs = connection_kwargs(connect_timeout_s=math.ceil(max(remaining, 0)))
-            with psycopg.connect(settings.dsn, autocommit=True, **kwargs) as conn:
-                row = conn.execute("SELECT 1").fetchone()
-            if row == (1,):
-                return True
+            check(settings, remaining)
+            return True
         except psycopg.Error as exc:
             log.debug("PostgreSQL at %s not ready: %s", describe(settings), exc)
         if time.monotonic() + 0.2 >= deadline:

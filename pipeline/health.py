@@ -17,17 +17,24 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import psycopg
 import redis
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import kafka
+from pipeline import db, kafka
 from pipeline.config import Settings
 
 CHECK_TIMEOUT_S = 2.0
 CACHE_S = 1.0
-DEPENDENCIES = ("kafka", "postgres", "redis")
+
+
+def check_redis(dsn: str, timeout_s: float) -> None:
+    """Return when Redis answers PING within timeout_s; raise saying why not."""
+    client = redis.Redis.from_url(dsn, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 class Readiness:
@@ -41,24 +48,16 @@ class Readiness:
         self._last: dict[str, str] = {}
 
     def _kafka(self) -> None:
-        if self._admin is None:
+        if self._admin is None:  # one client for the process's life: a check is then one metadata request
             self._admin = kafka.admin(self.settings,
                                       **{"socket.connection.setup.timeout.ms": int(CHECK_TIMEOUT_S * 1000)})
-        metadata = self._admin.list_topics(timeout=CHECK_TIMEOUT_S)
-        if not metadata.brokers:
-            raise RuntimeError("no broker in the cluster metadata")
+        kafka.check_cluster(self.settings, CHECK_TIMEOUT_S, self._admin)
 
     def _postgres(self) -> None:
-        with psycopg.connect(self.settings.dsn, connect_timeout=int(CHECK_TIMEOUT_S)) as conn:
-            conn.execute("SELECT 1")
+        db.check(self.settings, CHECK_TIMEOUT_S)
 
     def _redis(self) -> None:
-        client = redis.Redis.from_url(self.settings.redis_dsn, socket_timeout=CHECK_TIMEOUT_S,
-                                      socket_connect_timeout=CHECK_TIMEOUT_S)
-        try:
-            client.ping()
-        finally:
-            client.close()
+        check_redis(self.settings.redis_dsn, CHECK_TIMEOUT_S)
 
     def check(self) -> dict[str, str]:
         with self._lock:  # one check at a time; concurrent callers share its answer

@@ -55,15 +55,20 @@ def admin(settings: Settings, **overrides: Any) -> AdminClient:
     return AdminClient({**_base(settings), **overrides})
 
 
+def check_cluster(settings: Settings, timeout_s: float = 5.0, client: AdminClient | None = None) -> None:
+    """Return when a broker answers a metadata request within `timeout_s`; raise saying why not."""
+    client = client or admin(settings, **{"socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
+    if not client.list_topics(timeout=timeout_s).brokers:
+        raise KafkaException("no broker in the cluster metadata")
+
+
 def cluster_ready(settings: Settings, timeout_s: float = 5.0) -> bool:
     """True when a broker answers a metadata request within `timeout_s`."""
     try:
-        metadata = admin(settings, **{"socket.connection.setup.timeout.ms": int(timeout_s * 1000)}).list_topics(
-            timeout=timeout_s
-        )
+        check_cluster(settings, timeout_s)
     except Exception:  # KafkaException on timeout; anything else means "not ready" just the same
         return False
-    return bool(metadata.brokers)
+    return True
 
 
 def end_offset(consumer: Consumer, partition: TopicPartition, timeout_s: float = 20.0) -> int:

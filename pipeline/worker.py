@@ -69,6 +69,11 @@ def exporter_port(settings: Settings) -> int:
     return settings.metrics_port + 1 + len(STAGES) * len(LANES)
 
 
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
+                        "%(message)s")
+
+
 def _exit_after_grace() -> None:
     """Arm a watchdog: the process ends after the grace period even if a broker or database call hangs."""
     def expire() -> None:
@@ -95,8 +100,7 @@ async def _serve(runner: Runnable) -> None:
 def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
-                        "%(message)s")
+    _setup_logging(settings)
     ctx = StageContext(settings=settings, stage=stage, lane=lane, producer=kafka.producer(settings))
     runner = _builders(settings)[stage](ctx)
     port = metrics_port(settings, stage, lane)
@@ -111,8 +115,7 @@ def run_exporter(settings: Settings) -> int:
     """`notify exporter`: the consumer-lag exporter (pipeline/exporter.py) with its /metrics and health."""
     from pipeline import exporter  # imported here only: its metrics belong to the exporter process alone
 
-    logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: "
-                        "%(message)s")
+    _setup_logging(settings)
     lag_exporter = exporter.build(settings)
     port = exporter_port(settings)
     health.serve(port, health.Readiness(settings), name="exporter")

@@ -8,6 +8,7 @@ from pathlib import Path
 import redis
 
 from pipeline.errors import StackError
+from pipeline.health import check_redis
 from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text, wait_until
 from pipeline.stack.service import LocalService
 
@@ -32,14 +33,11 @@ class RedisService(LocalService):
         return self.home / "redis.log"
 
     def ready(self, timeout_s: float = 3.0) -> bool:
-        client = redis.Redis.from_url(self.settings.redis_dsn, socket_timeout=timeout_s,
-                                      socket_connect_timeout=timeout_s)
         try:
-            return bool(client.ping())
+            check_redis(self.settings.redis_dsn, timeout_s)
         except redis.RedisError:
             return False
-        finally:
-            client.close()
+        return True
 
     def install(self) -> None:
         ensure_debian_packages({"redis-server": "redis-server"})
