@@ -101,6 +101,22 @@ def close_pools() -> None:
 
 atexit.register(close_pools)
 
+# A pooled connection is checked (a round trip) only when it sat idle for longer than this: one in steady use is
+# known to work, and one that breaks mid-query is discarded by the pool when it comes back in a bad state.
+CHECK_AFTER_IDLE_S = 5.0
+_returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    returned = _returned_at.get(conn)
+    if returned is None or time.monotonic() - returned > CHECK_AFTER_IDLE_S:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+async def _note_returned(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
 # An async pool belongs to the event loop it was opened in, so the cache is per loop, then per DSN; a loop
 # that is garbage-collected takes its entry with it.
 _async_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncPool]] = (
@@ -123,7 +139,8 @@ async def async_pool(settings: Settings) -> AsyncPool:
             kwargs=connection_kwargs(),
             min_size=1,
             max_size=settings.db_pool_size,
-            check=AsyncConnectionPool.check_connection,
+            check=_check_if_idle,
+            reset=_note_returned,
             name=f"notify-async:{describe(settings)}",
             open=False,
         )

@@ -9,7 +9,7 @@ decides; so a re-injection that races another is harmless.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,23 +24,28 @@ SELECT d.notification_id::text, d.channel, d.state, d.provider, d.provider_messa
        n.created_at, n.correlation_id, d.lease_expires_at
 FROM deliveries d JOIN notifications n USING (notification_id)
 """
-# `was` and `seen` are the state and updated_at the caller decided from.
-TRANSITION = """
-UPDATE deliveries
-SET state = %(state)s,
-    provider = CASE WHEN %(clear_provider)s THEN NULL ELSE COALESCE(%(provider)s, provider) END,
-    provider_message_id = CASE WHEN %(clear_provider)s THEN NULL
-                               ELSE COALESCE(%(provider_message_id)s, provider_message_id) END,
-    fallback_from = COALESCE(%(fallback_from)s, fallback_from),
-    retry_tier = CASE WHEN %(reset_tier)s THEN 0 ELSE retry_tier END,
-    last_error_code = COALESCE(%(code)s, last_error_code),
-    last_error_message = COALESCE(%(message)s, last_error_message),
+# Each move names the state and updated_at it was decided from (`was`, `seen`); one statement moves a batch.
+TRANSITIONS = """
+UPDATE deliveries d
+SET state = k.state,
+    provider = CASE WHEN k.clear_provider THEN NULL ELSE COALESCE(k.provider, d.provider) END,
+    provider_message_id = CASE WHEN k.clear_provider THEN NULL
+                               ELSE COALESCE(k.provider_message_id, d.provider_message_id) END,
+    fallback_from = COALESCE(k.fallback_from, d.fallback_from),
+    retry_tier = CASE WHEN k.reset_tier THEN 0 ELSE d.retry_tier END,
+    last_error_code = COALESCE(k.code, d.last_error_code),
+    last_error_message = COALESCE(k.message, d.last_error_message),
     lease_owner = NULL, lease_expires_at = NULL,
-    next_attempt_at = CASE WHEN %(state)s = 'retry_scheduled' THEN now() ELSE NULL END,
-    accepted_at = CASE WHEN %(state)s = 'accepted' THEN now() WHEN %(clear_provider)s THEN NULL ELSE accepted_at END,
-    final_at = CASE WHEN %(state)s IN ('delivered', 'failed', 'dead_lettered', 'expired') THEN now() ELSE NULL END
-WHERE notification_id = %(nid)s AND channel = %(channel)s AND state = %(was)s AND updated_at = %(seen)s
-RETURNING 1
+    next_attempt_at = CASE WHEN k.state = 'retry_scheduled' THEN now() ELSE NULL END,
+    accepted_at = CASE WHEN k.state = 'accepted' THEN now() WHEN k.clear_provider THEN NULL ELSE d.accepted_at END,
+    final_at = CASE WHEN k.state IN ('delivered', 'failed', 'dead_lettered', 'expired') THEN now() ELSE NULL END
+FROM unnest(%(nids)s::uuid[], %(channels)s::text[], %(states)s::text[], %(providers)s::text[],
+            %(provider_ids)s::text[], %(fallback_from)s::text[], %(clear)s::bool[], %(reset)s::bool[],
+            %(codes)s::text[], %(messages)s::text[], %(was)s::text[], %(seen)s::timestamptz[])
+    AS k(notification_id, channel, state, provider, provider_message_id, fallback_from, clear_provider, reset_tier,
+         code, message, was, seen)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.state = k.was AND d.updated_at = k.seen
+RETURNING d.notification_id::text, d.channel
 """
 
 
@@ -83,17 +88,44 @@ async def fetch(conn: Any, where: str, params: Mapping[str, Any] | tuple[Any, ..
     return [DeliveryRow(*row) for row in as_bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A transition of `row` to `state`, decided from the row as it was read."""
+
+    row: DeliveryRow
+    state: str
+    provider: str | None = None
+    provider_message_id: str | None = None
+    code: str | None = None
+    message: str | None = None
+    fallback_from: str | None = None
+    clear_provider: bool = False
+    reset_tier: bool = False
+
+
+async def transition_all(conn: Any, moves: Sequence[Move]) -> set[tuple[str, str]]:
+    """Apply every move whose row nobody moved since it was read (one statement, at most one move per row); the
+    (notification id, channel) of those that moved."""
+    if not moves:
+        return set()
+    answered = await (await conn.execute(TRANSITIONS, {
+        "nids": [m.row.notification_id for m in moves], "channels": [m.row.channel for m in moves],
+        "states": [m.state for m in moves], "providers": [m.provider for m in moves],
+        "provider_ids": [m.provider_message_id for m in moves], "fallback_from": [m.fallback_from for m in moves],
+        "clear": [m.clear_provider for m in moves], "reset": [m.reset_tier for m in moves],
+        "codes": [m.code for m in moves], "messages": [(m.message or "")[:1000] or None for m in moves],
+        "was": [m.row.state for m in moves], "seen": [m.row.updated_at for m in moves]})).fetchall()
+    return {(nid, channel) for nid, channel in answered}
+
+
 async def transition(conn: Any, row: DeliveryRow, state: str, *, provider: str | None = None,
                      provider_message_id: str | None = None, code: str | None = None, message: str | None = None,
                      fallback_from: str | None = None, clear_provider: bool = False,
                      reset_tier: bool = False) -> bool:
     """Move `row` to `state` if nobody moved it since it was read; whether it moved."""
-    done = await (await conn.execute(TRANSITION, {
-        "state": state, "provider": provider, "provider_message_id": provider_message_id, "code": code,
-        "message": (message or "")[:1000] or None, "fallback_from": fallback_from, "clear_provider": clear_provider,
-        "reset_tier": reset_tier, "nid": row.notification_id, "channel": row.channel, "was": row.state,
-        "seen": row.updated_at})).fetchone()
-    return done is not None
+    moved = await transition_all(conn, [Move(row, state, provider, provider_message_id, code, message, fallback_from,
+                                             clear_provider, reset_tier)])
+    return bool(moved)
 
 
 def provider_order(routing: RoutingTable, codec: serde.AvroSerde, row: DeliveryRow) -> tuple[str, ...]:

@@ -162,7 +162,7 @@ async def redrive(settings: Settings, entries: Sequence[Entry], *, dry_run: bool
                 continue
         ctx.send(topics.send_topic(row.channel, row.lane), entry.record.key, entry.record.value,
                  {**retry.release_headers(entry.record), retry.HEADER_REDRIVEN: utcnow().isoformat().encode()})
-        await ctx.emit(row.subject, "queued", channel=row.channel, lane=row.lane, attempt=row.attempt_count,
+        ctx.emit(row.subject, "queued", channel=row.channel, lane=row.lane, attempt=row.attempt_count,
                        error_code="redriven", error_message=f"redriven from the DLQ ({entry.position})")
         result.redriven.append(entry.position)
     await ctx.settle()

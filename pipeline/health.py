@@ -26,6 +26,10 @@ from pipeline.config import Settings
 
 CHECK_TIMEOUT_S = 2.0
 CACHE_S = 1.0
+# Stages of this process that are retrying a batch after an infrastructure error: stage/lane -> the error. While
+# one is, the process is not ready, even if every dependency answers a probe (a database can answer SELECT 1 and
+# still fail the stage's writes).
+STALLED: dict[str, str] = {}
 
 
 def check_redis(dsn: str, timeout_s: float) -> None:
@@ -60,20 +64,26 @@ class Readiness:
         check_redis(self.settings.redis_dsn, CHECK_TIMEOUT_S)
 
     def check(self) -> dict[str, str]:
-        with self._lock:  # one check at a time; concurrent callers share its answer
-            if time.monotonic() - self._checked_at < CACHE_S:
-                return dict(self._last)
-            checks: Mapping[str, Callable[[], None]] = {
-                "kafka": self._kafka, "postgres": self._postgres, "redis": self._redis}
-            result = {}
-            for name, probe in checks.items():
-                try:
-                    probe()
-                    result[name] = "ok"
-                except Exception as exc:  # any failure means "not ready", with the reason shown
-                    result[name] = f"{type(exc).__name__}: {exc}".strip()[:300]
-            self._last, self._checked_at = result, time.monotonic()
-            return dict(result)
+        with self._lock:  # one probe at a time; concurrent callers share its answer
+            if time.monotonic() - self._checked_at >= CACHE_S:
+                self._probe()
+            result = dict(self._last)
+        stalled = dict(STALLED)
+        if stalled:
+            result["stage"] = "; ".join(f"{name} retrying: {error}" for name, error in sorted(stalled.items()))
+        return result
+
+    def _probe(self) -> None:
+        checks: Mapping[str, Callable[[], None]] = {
+            "kafka": self._kafka, "postgres": self._postgres, "redis": self._redis}
+        result = {}
+        for name, probe in checks.items():
+            try:
+                probe()
+                result[name] = "ok"
+            except Exception as exc:  # any failure means "not ready", with the reason shown
+                result[name] = f"{type(exc).__name__}: {exc}".strip()[:300]
+        self._last, self._checked_at = result, time.monotonic()
 
     def report(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) for /health/ready: 200 when every dependency answers, else 503 naming which not."""

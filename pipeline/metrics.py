@@ -98,3 +98,24 @@ def histogram(name: str, documentation: str, labels: Sequence[str] = (), *,
         raise ValueError(f"histogram {name!r} must end in its unit, one of {HISTOGRAM_UNITS}")
     declare(name, "histogram", labels)
     return Histogram(name, documentation, labels, buckets=buckets) if ENABLED else cast(Histogram, _Off())
+
+
+class Children:
+    """A metric's children under fixed leading label values, each made once: `children(*rest)`.
+
+    `labels()` takes a lock and builds a key on every call; a stage that counts per record looks its children up
+    here instead (a dict hit).
+    """
+
+    __slots__ = ("_fixed", "_made", "_metric")
+
+    def __init__(self, metric: Any, *fixed: str) -> None:
+        self._metric = metric
+        self._fixed = fixed
+        self._made: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *rest: str) -> Any:
+        child = self._made.get(rest)
+        if child is None:
+            child = self._made[rest] = self._metric.labels(*self._fixed, *rest)
+        return child

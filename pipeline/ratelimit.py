@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.domain import Lane
-from pipeline.ratelimit_policy import RatePolicy, load_policy, rules_for
+from pipeline.ratelimit_policy import RatePolicy, Rule, load_policy, rules_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ SOCKET_TIMEOUT_S: Final[float] = 0.2
 RECONNECT_RETRIES: Final[int] = 1
 # Upper bound on one check whatever the socket layer does: connect + one retry, each within the socket timeout.
 CHECK_DEADLINE_S: Final[float] = 0.6
+BATCH_DEADLINE_PER_CHECK_S: Final[float] = 0.002  # a batch's round trip may take longer: Redis runs each script
 
 # BusyLoadingError and MaxConnectionsError are ConnectionError subclasses; ReadOnlyError is a replica mid-failover.
 _UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TimeoutError, OSError)
@@ -85,6 +87,16 @@ for i = 1, n do
 end
 return {1, 0, 0, 0}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class RateCheck:
+    """One delivery to count: whose, on which channel, of which type."""
+
+    user_id: str
+    channel: str
+    notification_type: str
+    notification_id: str
 
 
 @dataclass(frozen=True)
@@ -135,24 +147,64 @@ class RateLimiter:
     async def check(self, *, user_id: str, channel: str, notification_type: str, lane: Lane,
                     notification_id: str, now_ms: int) -> RateDecision:
         """Count this delivery against every rule it matches, or say which rule stops it."""
-        rules = rules_for(self._policy, channel=channel, notification_type=notification_type, lane=lane)
-        if not rules:
-            return RateDecision("allowed")
-        keys = [rule.key(user_id=user_id, channel=channel) for rule in rules]
-        args: list[str | int] = [now_ms, f"{notification_id}:{channel}"]
-        for rule in rules:
-            args += [rule.limit, rule.window_ms]
-        try:
-            async with asyncio.timeout(self._deadline_s):
-                allowed, full_index, retry_after_ms, replayed = await self._script(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            self._note_redis_down(exc)
-            return RateDecision("allowed", degraded=True) if lane == "critical" else RateDecision("unavailable")
-        self._note_redis_up()
-        if allowed:
-            return RateDecision("allowed", replayed=bool(replayed))
-        return RateDecision("limited", rule=rules[int(full_index) - 1].name,
-                            retry_after_s=max(int(retry_after_ms), 0) / 1000)
+        (decision,) = await self.check_all([RateCheck(user_id, channel, notification_type, notification_id)],
+                                           lane=lane, now_ms=now_ms)
+        return decision
+
+    async def check_all(self, checks: Sequence[RateCheck], *, lane: Lane, now_ms: int) -> list[RateDecision]:
+        """Decide every check of a batch, in order, in one Redis round trip (a pipeline of script calls: Redis runs
+        them one after another, so a user's deliveries are counted in the order given)."""
+        decisions: list[RateDecision | None] = []
+        asked: list[tuple[int, tuple[Rule, ...]]] = []  # position, rules of each scripted check
+        calls: list[tuple[int, list[str | int]]] = []  # EVALSHA's number of keys, then keys and arguments
+        for check in checks:
+            rules = rules_for(self._policy, channel=check.channel, notification_type=check.notification_type,
+                              lane=lane)
+            if not rules:
+                decisions.append(RateDecision("allowed"))
+                continue
+            args: list[str | int] = [now_ms, f"{check.notification_id}:{check.channel}"]
+            for rule in rules:
+                args += [rule.limit, rule.window_ms]
+            keys = [rule.key(user_id=check.user_id, channel=check.channel) for rule in rules]
+            calls.append((len(keys), [*keys, *args]))
+            asked.append((len(decisions), rules))
+            decisions.append(None)
+        if asked:
+            try:
+                async with asyncio.timeout(self._deadline_s + BATCH_DEADLINE_PER_CHECK_S * len(asked)):
+                    answers = await self._execute(calls)
+            except _UNAVAILABLE as exc:
+                self._note_redis_down(exc)
+                down = RateDecision("allowed", degraded=True) if lane == "critical" else RateDecision("unavailable")
+                return [d if d is not None else down for d in decisions]
+            self._note_redis_up()
+            for (position, rules), answer in zip(asked, answers, strict=True):
+                allowed, full_index, retry_after_ms, replayed = answer
+                decisions[position] = (
+                    RateDecision("allowed", replayed=bool(replayed)) if allowed else
+                    RateDecision("limited", rule=rules[int(full_index) - 1].name,
+                                 retry_after_s=max(int(retry_after_ms), 0) / 1000))
+        return [d for d in decisions if d is not None]
+
+    async def _execute(self, calls: Sequence[tuple[int, list[str | int]]]) -> list[Any]:
+        """Run the script calls in one pipeline; a Redis that forgot the script (restarted, failed over) gets it and
+        runs them again. A second run is safe: a delivery already in its windows is recognised as a replay."""
+        answers = await self._pipeline(calls)
+        if any(isinstance(a, NoScriptError) for a in answers):
+            await self._client.script_load(SLIDING_WINDOW_LUA)
+            answers = await self._pipeline(calls)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return answers
+
+    async def _pipeline(self, calls: Sequence[tuple[int, list[str | int]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for numkeys, keys_and_args in calls:
+            pipe.evalsha(self._script.sha, numkeys, *keys_and_args)
+        answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return answers
 
     # Log transitions only: during an outage every message would otherwise log the same line.
     def _note_redis_down(self, exc: BaseException) -> None:

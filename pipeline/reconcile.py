@@ -232,7 +232,7 @@ class Reconciler:
             return "raced"
         if state in ("queued", "retry_scheduled"):
             deliveries.reinject(self.ctx, row)
-        await self.ctx.emit(row.subject, state, channel=row.channel, provider=provider or row.provider, lane=row.lane,
+        self.ctx.emit(row.subject, state, channel=row.channel, provider=provider or row.provider, lane=row.lane,
                             attempt=row.attempt_count, error_code=f"reconciled:{stuck}", error_message=step.reason)
         return "fallback" if fallback_from else step.action
 

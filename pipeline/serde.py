@@ -403,13 +403,19 @@ class AvroSerde:
         """The current schema of a record."""
         return self._current[record_name]
 
-    def encode(self, record_name: str, value: Mapping[str, Any]) -> bytes:
+    def encode(self, record_name: str, value: Mapping[str, Any], *, trusted: bool = False) -> bytes:
         """Encode `value` as a `record_name`; EncodeError if it does not fit, RegistryError if the registry
-        fails."""
+        fails.
+
+        `trusted`: the value was built by the pipeline itself from decoded records (an event, a task), so the
+        validation that names what is wrong is skipped, and run only if the writer refuses it. Values from outside
+        (the API, upstream producers) are never trusted: the writer lets a naive datetime or a non-UUID string
+        through silently, which validation catches.
+        """
         schema = self._current.get(record_name)
         if schema is None:
             raise EncodeError(f"no schema for record {record_name!r}; known: {', '.join(self._current)}")
-        body = self._body(schema, dict(value))
+        body = self._trusted_body(schema, value) if trusted else self._body(schema, dict(value))
         if self._registry is None:
             return SINGLE_OBJECT_MAGIC + schema.fingerprint + body
         return bytes([CONFLUENT_MAGIC]) + self._registry_id(schema).to_bytes(4, "big") + body
@@ -461,6 +467,14 @@ class AvroSerde:
             fastavro.schemaless_writer(buffer, schema.parsed, value, strict_allow_default=True)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise EncodeError(f"{schema.name}: {_short(str(exc))}") from None
+        return buffer.getvalue()
+
+    def _trusted_body(self, schema: SchemaVersion, value: Mapping[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        try:
+            fastavro.schemaless_writer(buffer, schema.parsed, value, strict_allow_default=True)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            return self._body(schema, dict(value))  # says what is wrong
         return buffer.getvalue()
 
     def _read(self, name: str, body: bytes, writer_schema: dict[str, Any]) -> dict[str, Any]:

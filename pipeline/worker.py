@@ -47,7 +47,7 @@ def _builders(settings: Settings) -> dict[str, Callable[[StageContext], Runnable
         "preferences": lambda ctx: StageRunner(preferences.build(ctx)),
         "routing": lambda ctx: StageRunner(routing.build(ctx)),
         "sender": lambda ctx: StageRunner(sender.build(ctx)),
-        "retry": retry.TierReleaser,  # pauses and resumes partitions: a consumer loop of its own
+        "retry": lambda ctx: StageRunner(retry.build(ctx)),
         "receipts": lambda ctx: StageRunner(receipts.build(ctx)),
         "reconcile": Reconciler,  # a timed sweep, elected by a PostgreSQL advisory lock
     }

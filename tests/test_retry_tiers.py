@@ -21,7 +21,7 @@ from harness import TopicReader
 from pipeline import kafka, topics
 from pipeline.config import Settings
 from pipeline.stages import retry
-from pipeline.stages.runtime import HEADER_REASON, StageContext
+from pipeline.stages.runtime import HEADER_REASON, StageContext, StageRunner
 
 # The releaser runs as a task of the fixture's loop: tests must run in that same (session) loop.
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -31,10 +31,10 @@ SEND = topics.send_topic("sms", "critical")
 
 
 @pytest.fixture
-async def releaser(applied: Settings) -> AsyncIterator[retry.TierReleaser]:
+async def releaser(applied: Settings) -> AsyncIterator[StageRunner]:
     settings = dataclasses.replace(applied, retry_delays_critical=(0.2, 0.4, 0.6))
-    made = retry.TierReleaser(StageContext(settings=settings, stage="retry", lane="critical",
-                                           producer=kafka.producer(settings)))
+    made = StageRunner(retry.build(StageContext(settings=settings, stage="retry", lane="critical",
+                                                producer=kafka.producer(settings))))
     running = asyncio.create_task(made.run())
     await asyncio.wait_for(made.ready.wait(), 60)
     yield made
@@ -87,7 +87,7 @@ def committed(settings: Settings, group: str, topic: str, partition: int) -> int
 
 
 async def test_a_retry_is_never_released_before_its_due_time_and_at_most_a_second_after(
-        applied: Settings, releaser: retry.TierReleaser) -> None:
+        applied: Settings, releaser: StageRunner) -> None:
     reader = TopicReader(applied, SEND)
     try:
         due_ms = dict([await put(applied, TIER1, n % 3, 1.0 + n * 0.25) for n in range(12)])
@@ -105,7 +105,7 @@ async def test_a_retry_is_never_released_before_its_due_time_and_at_most_a_secon
 
 
 async def test_a_partition_waiting_for_its_head_holds_no_other_partition_or_tier(
-        applied: Settings, releaser: retry.TierReleaser) -> None:
+        applied: Settings, releaser: StageRunner) -> None:
     reader = TopicReader(applied, SEND)
     try:
         # one user's two retries (one key: one send partition, where their order shows)
@@ -132,7 +132,7 @@ async def test_a_partition_waiting_for_its_head_holds_no_other_partition_or_tier
 
 
 async def test_a_retry_record_that_names_no_send_topic_goes_to_the_dlq_with_why(
-        applied: Settings, releaser: retry.TierReleaser) -> None:
+        applied: Settings, releaser: StageRunner) -> None:
     reader = TopicReader(applied, topics.DLQ)
     try:
         nid, _ = await put(applied, TIER1, 2, 0.0, send_topic="no-such-topic")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import db, metrics
@@ -21,9 +22,9 @@ log = logging.getLogger("notify.holds")
 HELD = metrics.counter("notify_held_total", "Messages put on hold, by reason.", ["stage", "lane", "reason"])
 RELEASED = metrics.counter("notify_released_total", "Held messages released when due.", ["stage", "lane", "reason"])
 
-INSERT_HOLD = """
+INSERT_HOLDS = """
 INSERT INTO held_messages (hold_id, topic, message_key, message_value, reason, notification_id, due_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::text[], %s::uuid[], %s::timestamptz[])
 ON CONFLICT (hold_id) DO NOTHING
 """
 DUE_HOLDS = """
@@ -36,12 +37,29 @@ FOR UPDATE SKIP LOCKED
 DELETE_HOLDS = "DELETE FROM held_messages WHERE hold_id = ANY(%s)"
 
 
-async def hold(ctx: StageContext, *, hold_id: str, topic: str, key: str, value: bytes, reason: str,
-               notification_id: str | None, due_at: datetime.datetime) -> None:
-    pool = await db.async_pool(ctx.settings)
-    async with pool.connection() as conn:
-        await conn.execute(INSERT_HOLD, (hold_id, topic, key.encode(), value, reason, notification_id, due_at))
-    HELD.labels(ctx.stage, ctx.lane, reason).inc()
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A message to keep until `due_at`, then produce to `topic` (logical) again."""
+
+    hold_id: str
+    topic: str
+    key: str
+    value: bytes
+    reason: str
+    notification_id: str | None
+    due_at: datetime.datetime
+
+
+async def hold_all(ctx: StageContext, conn: Any, holds: Sequence[Hold]) -> None:
+    """Keep `holds` (one statement, in the caller's transaction); a hold already kept is kept once."""
+    if not holds:
+        return
+    await conn.execute(INSERT_HOLDS, ([h.hold_id for h in holds], [h.topic for h in holds],
+                                      [h.key.encode() for h in holds], [h.value for h in holds],
+                                      [h.reason for h in holds], [h.notification_id for h in holds],
+                                      [h.due_at for h in holds]))
+    for h in holds:
+        HELD.labels(ctx.stage, ctx.lane, h.reason).inc()
 
 
 async def release_due(ctx: StageContext, logical_topics: Sequence[str], batch: int = 500) -> int:
@@ -51,8 +69,9 @@ async def release_due(ctx: StageContext, logical_topics: Sequence[str], batch: i
         rows: list[Any] = await (await conn.execute(DUE_HOLDS, (list(logical_topics), batch))).fetchall()
         if not rows:
             return 0
-        pending = [ctx.send(topic, key, value, {HEADER_RELEASED: b"1"}) for _id, topic, key, value, _reason in rows]
-        await ctx.settle(pending)  # acknowledged by Kafka before the rows go
+        for _id, topic, key, value, _reason in rows:
+            ctx.send(topic, key, value, {HEADER_RELEASED: b"1"})
+        await ctx.settle()  # acknowledged by Kafka before the rows go
         await conn.execute(DELETE_HOLDS, ([row[0] for row in rows],))
     for row in rows:
         RELEASED.labels(ctx.stage, ctx.lane, row[4]).inc()

@@ -1,4 +1,4 @@
-"""Intake: requests.<lane> -> accepted.<lane>. Decode, validate, drop the expired, deduplicate.
+"""Intake: requests.<lane> -> accepted.<lane>. Decode, validate, drop the expired, deduplicate; a batch at a time.
 
 Deduplication has two layers: a table of dedup keys whose entries expire after the dedup window (kept per
 partition in memory, backed by the compacted dedup.<lane> topic; a timer forgets expired keys and writes their
@@ -7,14 +7,18 @@ idempotency_key) as the final guard. The table remembers the notification id and
 (topic/partition/offset) that first carried the key: the same record coming back (a redelivery after a crash,
 an offset reset for a replay) is re-driven, not called a duplicate, because every later stage is idempotent;
 another record with the same key is a duplicate, even when it carries the same notification id (an upstream
-resend).
+resend). Two records of one batch with the same key: the first is the candidate, the later ones duplicates of
+whoever owns the key, as if they had come one batch apart.
+
+Per batch: one INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING for every candidate, which also says who
+owns each key. A notification id that is already taken by a request with another key is refused as invalid
+(`notification_id_reused`): the id names another notification.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,33 +27,40 @@ from pipeline.domain import Lane, lane_for
 from pipeline.policy import intake as policy
 from pipeline.stages.runtime import Record, Stage, StageContext, Table, utcnow
 
-INSERT_NOTIFICATION = """
-INSERT INTO notifications (notification_id, user_id, notification_type, idempotency_key, lane, source_service,
-                           correlation_id, requested_channels, created_at, expires_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT DO NOTHING
-RETURNING notification_id
+# Inserts the batch's candidates and answers, for each, the id that owns its dedup key: its own when inserted, the
+# earlier request's when the key was taken, NULL when its notification id was taken by another key (the CTE's
+# snapshot does not see the rows it inserts, so `n` only finds earlier ones).
+CLAIM_NOTIFICATIONS = """
+WITH input AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(users)s::text[], %(types)s::text[], %(keys)s::text[], %(lanes)s::text[],
+                         %(sources)s::text[], %(correlations)s::text[], %(channels)s::text[],
+                         %(created)s::timestamptz[], %(expires)s::timestamptz[])
+        AS k(notification_id, user_id, notification_type, idempotency_key, lane, source_service, correlation_id,
+             channels, created_at, expires_at)
+), inserted AS (
+    INSERT INTO notifications (notification_id, user_id, notification_type, idempotency_key, lane, source_service,
+                               correlation_id, requested_channels, created_at, expires_at)
+    SELECT notification_id, user_id, notification_type, idempotency_key, lane, source_service, correlation_id,
+           string_to_array(channels, ','), created_at, expires_at
+    FROM input
+    ON CONFLICT DO NOTHING
+    RETURNING notification_id
+)
+SELECT i.notification_id::text, COALESCE(ins.notification_id, n.notification_id)::text
+FROM input i
+LEFT JOIN inserted ins ON ins.notification_id = i.notification_id
+LEFT JOIN notifications n ON n.user_id = i.user_id AND n.notification_type = i.notification_type
+                         AND n.idempotency_key = i.idempotency_key
 """
-EXISTING_NOTIFICATION = """
-SELECT notification_id FROM notifications WHERE user_id = %s AND notification_type = %s AND idempotency_key = %s
+# A second look, in a statement of its own, for candidates the first found no owner for: a concurrent insert of the
+# same key by another worker (a rebalance) is visible to a new statement.
+KEY_OWNERS = """
+SELECT k.notification_id::text, n.notification_id::text
+FROM unnest(%(ids)s::uuid[], %(users)s::text[], %(types)s::text[], %(keys)s::text[])
+    AS k(notification_id, user_id, notification_type, idempotency_key)
+JOIN notifications n ON n.user_id = k.user_id AND n.notification_type = k.notification_type
+                    AND n.idempotency_key = k.idempotency_key
 """
-
-
-async def _first_claim(ctx: StageContext, request: dict[str, Any], lane: Lane) -> uuid.UUID:
-    """Insert the notification (final dedup guard); return the id that owns its dedup key."""
-    pool = await db.async_pool(ctx.settings)
-    async with pool.connection() as conn:
-        row = await (await conn.execute(INSERT_NOTIFICATION, (
-            request["notification_id"], request["user_id"], request["type"], request["idempotency_key"], lane,
-            request["source_service"], request.get("correlation_id"), list(request.get("channels") or []),
-            request["created_at"], request.get("expires_at"),
-        ))).fetchone()
-        if row is None:
-            row = await (await conn.execute(EXISTING_NOTIFICATION, (
-                request["user_id"], request["type"], request["idempotency_key"]))).fetchone()
-    assert row is not None, "a conflicting notification row must exist"
-    owner: uuid.UUID = row[0]
-    return owner
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,45 @@ class Sighting:
         return cls(str(value["id"]), str(value["src"]), float(value["at"]))
 
 
+@dataclass(slots=True)
+class Candidate:
+    """A valid, unexpired request whose key the table does not rule a duplicate: the database decides."""
+
+    record: Record
+    request: dict[str, Any]
+    key: str
+    lane: Lane  # the lane of its type
+    seen_at: float  # when the key was first seen (now, unless this very record carried it before)
+    repeats: list[dict[str, Any]]  # later requests of the same batch with the same key
+
+    @property
+    def notification_id(self) -> str:
+        return str(self.request["notification_id"])
+
+
+async def claim_keys(ctx: StageContext, candidates: list[Candidate]) -> dict[str, str | None]:
+    """Insert the candidates (one statement); notification id -> the id that owns its key (None: its id is taken
+    by a request with another key)."""
+    requests = [c.request for c in candidates]
+    params = {
+        "ids": [c.notification_id for c in candidates], "users": [r["user_id"] for r in requests],
+        "types": [r["type"] for r in requests], "keys": [r["idempotency_key"] for r in requests],
+        "lanes": [c.lane for c in candidates], "sources": [r["source_service"] for r in requests],
+        "correlations": [r.get("correlation_id") for r in requests],
+        "channels": [",".join(r.get("channels") or ()) for r in requests],
+        "created": [r["created_at"] for r in requests], "expires": [r.get("expires_at") for r in requests],
+    }
+    pool = await db.async_pool(ctx.settings)
+    async with pool.connection() as conn:
+        owners: dict[str, str | None] = dict(await (await conn.execute(CLAIM_NOTIFICATIONS, params)).fetchall())
+        unowned = [i for i, c in enumerate(candidates) if owners.get(c.notification_id) is None]
+        if unowned:
+            found: dict[str, str | None] = dict(await (await conn.execute(KEY_OWNERS, {
+                name: [params[name][i] for i in unowned] for name in ("ids", "users", "types", "keys")})).fetchall())
+            owners.update(found)
+    return owners
+
+
 def build(ctx: StageContext, dedup_window: datetime.timedelta) -> Stage:
     lane = ctx.lane
     dedup = Table(ctx, topics.dedup_topic(lane))
@@ -81,38 +131,65 @@ def build(ctx: StageContext, dedup_window: datetime.timedelta) -> Stage:
         sighting = Sighting.decode(raw)
         return sighting if now - sighting.at < window_s else None
 
-    async def handle(ctx: StageContext, record: Record) -> str:
-        request = await ctx.decode_or_quarantine(record, serde.NOTIFICATION_REQUEST)
-        if request is None:
-            return "undecodable"
-        now = utcnow()
-        decision = policy.decide(request, now)
-        if decision.outcome == "invalid":
-            await ctx.quarantine(record, "invalid", "; ".join(decision.reasons))
-            await ctx.emit(request, "invalid", error_code="invalid", error_message="; ".join(decision.reasons))
-            return "invalid"
-        if decision.outcome == "expired":
-            await ctx.emit(request, "expired", error_code="expired", error_message="expires_at is in the past")
-            return "expired"
+    def refuse(record: Record, request: dict[str, Any], reasons: str) -> None:
+        ctx.quarantine(record, "invalid", reasons)
+        ctx.emit(request, "invalid", error_code="invalid", error_message=reasons)
+        ctx.outcomes("invalid").inc()
 
-        notification_id = str(request["notification_id"])
-        key = policy.dedup_key(request)
-        first = seen(key, record.partition, now.timestamp())
-        if first is not None and first.source != record.source:
-            await ctx.emit(request, "duplicate", error_code="duplicate",
-                           error_message=f"first seen as {first.notification_id}")
-            return "duplicate"
-        lane_of_type = lane_for(request["type"])
-        owner = str(await _first_claim(ctx, request, lane_of_type))
-        if owner != notification_id:
-            await ctx.emit(request, "duplicate", error_code="duplicate", error_message=f"first seen as {owner}")
-            return "duplicate"
-        if first is None:
-            dedup.put(key, Sighting(notification_id, record.source, now.timestamp()).encode(), record.partition)
-        await ctx.emit(request, "received")
-        # the type decides the lane: a request produced to the wrong lane's topic still goes the right way
-        ctx.send(topics.accepted_topic(lane_of_type), request["user_id"], record.value)
-        return "accepted"
+    def duplicate(request: dict[str, Any], owner: str | None) -> None:
+        ctx.emit(request, "duplicate", error_code="duplicate", error_message=f"first seen as {owner}")
+        ctx.outcomes("duplicate").inc()
+
+    async def handle(ctx: StageContext, records: list[Record]) -> None:
+        now = utcnow()
+        now_s = now.timestamp()
+        candidates: list[Candidate] = []
+        by_key: dict[str, Candidate] = {}
+        for record in records:
+            request = ctx.decode(record, serde.NOTIFICATION_REQUEST)
+            if request is None:
+                continue
+            ctx.observe_queue_latency(request.get("created_at"), now)
+            decision = policy.decide(request, now)
+            if decision.outcome == "invalid":
+                refuse(record, request, "; ".join(decision.reasons))
+                continue
+            if decision.outcome == "expired":
+                ctx.emit(request, "expired", error_code="expired", error_message="expires_at is in the past", at=now)
+                ctx.outcomes("expired").inc()
+                continue
+            key = policy.dedup_key(request)
+            earlier = by_key.get(key)
+            if earlier is not None:
+                earlier.repeats.append(request)
+                continue
+            first = seen(key, record.partition, now_s)
+            if first is not None and first.source != record.source:
+                duplicate(request, first.notification_id)
+                continue
+            candidate = Candidate(record, request, key, lane_for(request["type"]), first.at if first else now_s, [])
+            by_key[key] = candidate
+            candidates.append(candidate)
+        if not candidates:
+            return
+        owners = await claim_keys(ctx, candidates)
+        for candidate in candidates:
+            request, record = candidate.request, candidate.record
+            owner = owners.get(candidate.notification_id)
+            if owner is None:
+                refuse(record, request, "notification_id_reused: the notification_id is already taken by a request "
+                                        "with another (user_id, type, idempotency_key)")
+            elif owner != candidate.notification_id:
+                duplicate(request, owner)
+            else:
+                # (again, for the same record coming back: the backing topic may have missed the first write)
+                dedup.put(candidate.key, Sighting(owner, record.source, candidate.seen_at).encode(), record.partition)
+                ctx.emit(request, "received", at=now)
+                # the type decides the lane: a request produced to the wrong lane's topic still goes the right way
+                ctx.send(topics.accepted_topic(candidate.lane), request["user_id"], record.value)
+                ctx.outcomes("accepted").inc()
+            for repeat in candidate.repeats:
+                duplicate(repeat, owner or candidate.notification_id)
 
     stage = Stage(ctx, {topics.requests_topic(lane): handle}, tables=[dedup])
 

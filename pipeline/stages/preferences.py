@@ -17,7 +17,6 @@ from pipeline.policy import preferences as policy
 from pipeline.stages import holds
 from pipeline.stages.runtime import (
     HEADER_RELEASED,
-    STAGE_MESSAGES,
     Record,
     Stage,
     StageContext,
@@ -34,7 +33,8 @@ SUPPRESSED = metrics.counter(
 
 INSERT_SUPPRESSED = """
 INSERT INTO deliveries (notification_id, channel, state, last_error_code, final_at)
-VALUES (%s, %s, 'suppressed', %s, now())
+SELECT k.notification_id, k.channel, 'suppressed', k.reason, now()
+FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS k(notification_id, channel, reason)
 ON CONFLICT (notification_id, channel) DO NOTHING
 """
 
@@ -84,7 +84,9 @@ def build(ctx: StageContext) -> Stage:
         return new
 
     def counted(change: str) -> None:
-        STAGE_MESSAGES.labels(ctx.stage, lane, f"settings_{change}").inc()
+        ctx.outcomes(f"settings_{change}").inc()
+
+    suppressed_count = metrics.Children(SUPPRESSED, lane)
 
     user_settings = Table(ctx, topics.USER_SETTINGS, apply=newest, on_update=counted)
 
@@ -97,34 +99,42 @@ def build(ctx: StageContext) -> Stage:
         except DecodeError:
             return None  # settings we cannot read are no settings: defaults apply, nothing is blocked
 
-    async def handle(ctx: StageContext, record: Record) -> str:
-        request = await ctx.decode_or_quarantine(record, serde.NOTIFICATION_REQUEST)
-        if request is None:
-            return "undecodable"
+    async def handle(ctx: StageContext, records: list[Record]) -> None:
         now = utcnow()
-        released = header(record, HEADER_RELEASED) is not None
-        decision = policy.decide(request, settings_for(request["user_id"], record.partition), now)
-        notification_id = str(request["notification_id"])
-        if decision.deferred_until is not None and not released:
-            assert record.value is not None
-            await holds.hold(ctx, hold_id=f"quiet:{notification_id}", topic=topics.accepted_topic(lane),
-                             key=request["user_id"], value=record.value, reason="quiet_hours",
-                             notification_id=notification_id, due_at=decision.deferred_until)
-            await ctx.emit(request, "deferred", error_code="quiet_hours",
-                           error_message=f"held until {decision.deferred_until.isoformat()}")
-            return "deferred"
-        if decision.suppressed:
+        to_hold: list[holds.Hold] = []
+        suppressed: list[tuple[str, str, str]] = []  # notification id, channel, reason
+        for record in records:
+            request = ctx.decode(record, serde.NOTIFICATION_REQUEST)
+            if request is None:
+                continue
+            ctx.observe_queue_latency(request.get("created_at"), now)
+            released = header(record, HEADER_RELEASED) is not None
+            decision = policy.decide(request, settings_for(request["user_id"], record.partition), now)
+            notification_id = str(request["notification_id"])
+            if decision.deferred_until is not None and not released:
+                assert record.value is not None
+                to_hold.append(holds.Hold(f"quiet:{notification_id}", topics.accepted_topic(lane),
+                                          request["user_id"], record.value, "quiet_hours", notification_id,
+                                          decision.deferred_until))
+                ctx.emit(request, "deferred", error_code="quiet_hours",
+                         error_message=f"held until {decision.deferred_until.isoformat()}", at=now)
+                ctx.outcomes("deferred").inc()
+                continue
+            for channel, reason in decision.suppressed:
+                suppressed.append((notification_id, channel, reason))
+                ctx.emit(request, "suppressed", channel=channel, error_code=reason, at=now)
+                suppressed_count(channel, request["type"], reason).inc()
+            for target in decision.send:
+                task = delivery_task(request, target, lane)
+                ctx.send(topics.routed_topic(lane), request["user_id"],
+                         ctx.codec.encode(serde.DELIVERY_TASK, task, trusted=True))
+            ctx.outcomes("routed" if decision.send else "suppressed").inc()
+        if to_hold or suppressed:
             pool = await db.async_pool(ctx.settings)
             async with pool.connection() as conn:
-                for channel, reason in decision.suppressed:
-                    await conn.execute(INSERT_SUPPRESSED, (notification_id, channel, reason))
-            for channel, reason in decision.suppressed:
-                await ctx.emit(request, "suppressed", channel=channel, error_code=reason)
-                SUPPRESSED.labels(lane, channel, request["type"], reason).inc()
-        for target in decision.send:
-            task = delivery_task(request, target, lane)
-            ctx.send(topics.routed_topic(lane), request["user_id"], ctx.codec.encode(serde.DELIVERY_TASK, task))
-        return "routed" if decision.send else "suppressed"
+                await holds.hold_all(ctx, conn, to_hold)
+                if suppressed:
+                    await conn.execute(INSERT_SUPPRESSED, tuple(map(list, zip(*suppressed, strict=True))))
 
     stage = Stage(ctx, {topics.accepted_topic(lane): handle}, tables=[user_settings])
     holds.add_releaser(stage, [topics.accepted_topic(lane)])

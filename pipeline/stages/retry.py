@@ -17,28 +17,24 @@ early by either clock. Lateness is bounded by the poll interval (POLL_MAX_S) plu
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import datetime
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
-
-from pipeline import kafka, metrics, topics
+from pipeline import metrics, topics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.stages.runtime import (
     HEADER_DETAIL,
     HEADER_REASON,
     HEADER_SOURCE,
+    FlowStep,
     Record,
+    Stage,
     StageContext,
-    records_of,
     utcnow,
 )
 
@@ -133,35 +129,30 @@ def release_headers(record: Record) -> dict[str, bytes]:
 
 
 class TierReleaser:
-    """Moves due records from the lane's retry tiers back to their send topics (run()/stop(), like StageRunner)."""
+    """Moves due records from the lane's retry tiers back to their send topics: the stage runtime's Flow of the
+    retry stage (it keeps what it fetched behind a paused head and says what the runner may commit)."""
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         settings = ctx.settings
         lane_tiers = tiers(settings, ctx.lane)
+        self.logical_topics = [name for name, _ in lane_tiers]
         self.delays = {settings.topic(name): delay for name, delay in lane_tiers}
         self.tier_of = {settings.topic(name): str(n) for n, (name, _) in enumerate(lane_tiers, start=1)}
         # paused partition -> its records not yet released, head first, each with its due time
         self.parked: dict[tuple[str, int], collections.deque[tuple[Record, float | None]]] = {}
         self._paused: set[tuple[str, int]] = set()
-        self._stopping = asyncio.Event()
-        self.ready = asyncio.Event()
-        self._consumer: Consumer = kafka.consumer(settings, ctx.group_id, **{
-            "max.poll.interval.ms": 300_000, "client.id": f"notify-retry-{ctx.lane}"})
+        self._parked_gauge = PARKED.labels(ctx.lane)
+        self._released = metrics.Children(RELEASED, ctx.lane)
+        self._lateness = RELEASE_LATENESS.labels(ctx.lane)
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def revoked(self, partitions: Iterable[tuple[str, int]]) -> None:
+        for key in partitions:  # the next owner reads them again from the committed offset
+            self.parked.pop(key, None)
+            self._paused.discard(key)
+        self._parked_gauge.set(len(self.parked))
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.ready.set()
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:  # the next owner reads them again from the committed offset
-            self.parked.pop((tp.topic, tp.partition), None)
-            self._paused.discard((tp.topic, tp.partition))
-        PARKED.labels(self.ctx.lane).set(len(self.parked))
-
-    def _timeout(self, now: float) -> float:
+    def poll_timeout(self, now: float) -> float:
         heads = [kept[0][1] or now for kept in self.parked.values() if kept]
         if not heads:
             return POLL_MAX_S
@@ -177,16 +168,15 @@ class TierReleaser:
             DEAD_LETTERED.labels(self.ctx.lane, channel, "unreleasable").inc()
             return
         self.ctx.send(send_topic, record.key, record.value, release_headers(record))
-        RELEASED.labels(self.ctx.lane, self.tier_of.get(record.topic, "?")).inc()
-        RELEASE_LATENESS.labels(self.ctx.lane).observe(max(0.0, now - due))
+        self._released(self.tier_of.get(record.topic, "?")).inc()
+        self._lateness.observe(max(0.0, now - due))
 
-    def _handle(self, messages: list[Message]) -> list[TopicPartition]:
+    def step(self, ctx: StageContext, records: list[Record], now: float) -> FlowStep:
         """Keep what was fetched behind each partition's head, forward what is due, pause partitions whose head is
         not and resume those with nothing kept; the offsets to commit once Kafka acknowledged the forwards."""
-        for record in records_of(messages, self.ctx):
+        for record in records:
             kept = self.parked.setdefault((record.topic, record.partition), collections.deque())
             kept.append((record, due_s(record, self.delays.get(record.topic, 0.0))))
-        now = time.time()
         forwarded: dict[tuple[str, int], int] = {}
         to_pause, to_resume = [], []
         for (topic, partition), kept in list(self.parked.items()):
@@ -195,44 +185,17 @@ class TierReleaser:
                 self._forward(record, now, due)
                 forwarded[(topic, partition)] = record.offset + 1
             if kept and (topic, partition) not in self._paused:
-                to_pause.append(TopicPartition(topic, partition))
+                to_pause.append((topic, partition))
                 self._paused.add((topic, partition))
             elif not kept:
                 del self.parked[(topic, partition)]
                 if (topic, partition) in self._paused:
-                    to_resume.append(TopicPartition(topic, partition))
+                    to_resume.append((topic, partition))
                     self._paused.discard((topic, partition))
-        if to_pause:
-            self._consumer.pause(to_pause)
-        if to_resume:
-            self._consumer.resume(to_resume)
-        return [TopicPartition(t, p, o) for (t, p), o in forwarded.items()]
+        self._parked_gauge.set(len(self.parked))
+        return FlowStep(commit=forwarded, pause=to_pause, resume=to_resume)
 
-    def _commit(self, offsets: list[TopicPartition]) -> None:
-        self._consumer.commit(offsets=offsets, asynchronous=False)
 
-    async def run(self) -> None:
-        io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-retry-{self.ctx.lane}")
-        loop = asyncio.get_running_loop()
-
-        def on_thread(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-            return loop.run_in_executor(io, fn, *args)
-
-        await on_thread(self._consumer.subscribe, list(self.delays), self._on_assign, self._on_revoke,
-                        self._on_revoke)
-        try:
-            while not self._stopping.is_set():
-                messages = await on_thread(self._consumer.consume, BATCH_SIZE, self._timeout(time.time()))
-                # on the consumer's thread, like pause/seek/resume (one thread per librdkafka client)
-                offsets = await on_thread(self._handle, messages)
-                await self.ctx.settle()  # forwarded records acknowledged before their offsets are committed
-                if offsets:
-                    await on_thread(self._commit, offsets)
-                PARKED.labels(self.ctx.lane).set(len(self.parked))
-        finally:
-            self._stopping.set()
-            try:
-                await self.ctx.settle()
-            finally:
-                await on_thread(self._consumer.close)
-                io.shutdown(wait=False)
+def build(ctx: StageContext) -> Stage:
+    releaser = TierReleaser(ctx)
+    return Stage(ctx, {}, flow=releaser, inputs=releaser.logical_topics, batch_size=BATCH_SIZE)

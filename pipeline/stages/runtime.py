@@ -1,19 +1,29 @@
-"""What every stage shares: its consumer loop with offsets we commit ourselves, tables, timers, output, metrics.
+"""What every stage shares: one batch loop with offsets we commit ourselves, tables, timers, output, metrics.
 
 A stage of a lane is one consumer group (`<prefix>notify-<stage>-<lane>`), so stages and lanes lag and scale
-apart. The loop is at-least-once by construction: consume a batch, run the handler on every record (records
-of one partition in order, partitions side by side), wait until Kafka acknowledged everything the batch
-produced, and only then commit the batch's offsets. A crash anywhere re-delivers the uncommitted batch, and
-every stage is idempotent, so nothing is lost and nothing is done twice.
+apart. Every stage runs on the same loop, and the loop is batch-native and at-least-once by construction:
 
-Why not Faust agents: faust-streaming 0.15.3 lost requests in our SIGKILL-and-restart test (its fetcher
-delivers records before it seeks to the committed offsets after a rebalance, then drops them as "already read":
-the log showed `DROPPED MESSAGE ROFF n` for records no agent ever saw; see faust-streaming issues #216, #596).
-The model is the same (an agent per stage, per-partition state in changelog-backed tables, timers), with
-offsets under our control.
+1. take what has arrived (block until the first record or the next timer, then whatever else is already
+   fetched, up to the batch size: a light load never waits to fill a batch);
+2. hand the batch to the stage's batch handler per input (records of a partition in offset order), which decodes,
+   decides with the pure policies, and writes with one set-based statement per kind of write;
+3. produce what the handler staged (events, forwards, quarantine), flush once, and check every acknowledgement;
+4. only then commit the batch's offsets.
 
-Every handler runs under `guarded`: whatever it raises, the record goes to quarantine with the reason; if not
-even quarantine takes it, the worker stops without committing, so the record is redelivered.
+A crash anywhere re-delivers the uncommitted batch, and every stage is idempotent, so nothing is lost and nothing
+is done twice. Output is staged (`StageContext.send`) and produced only once the handler has returned, so a handler
+that is retried never produces twice.
+
+Failures are sorted by kind (`is_infrastructure`):
+- an infrastructure error (PostgreSQL, Redis, Kafka unreachable, a pool timeout) pauses the stage and retries the
+  same batch with growing pauses; the worker reports not-ready meanwhile. Nothing is quarantined for it.
+- anything else is about the data: the batch is split in halves until the record that breaks the handler is
+  alone, and that record goes to the quarantine topic with the error; the rest of the batch goes on.
+
+Why not Faust agents: faust-streaming 0.15.3 lost requests in our SIGKILL-and-restart test (its fetcher delivers
+records before it seeks to the committed offsets after a rebalance, then drops them as "already read"; see
+faust-streaming issues #216, #596, #606). The model is the same (an agent per stage, per-partition state in
+changelog-backed tables, timers), with offsets under our control.
 """
 
 from __future__ import annotations
@@ -29,11 +39,13 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+import psycopg
+import redis.exceptions
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from pipeline import kafka, metrics, serde, topics
+from pipeline import health, kafka, metrics, serde, topics
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.errors import DecodeError
@@ -42,9 +54,9 @@ log = logging.getLogger("notify.stage")
 
 STAGE_MESSAGES = metrics.counter(
     "notify_stage_messages_total", "Messages a stage finished, by outcome.", ["stage", "lane", "outcome"])
-STAGE_SECONDS = metrics.histogram(
-    "notify_stage_processing_seconds", "Time a stage spent on one message.", ["stage", "lane"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+STAGE_BATCH_SECONDS = metrics.histogram(
+    "notify_stage_batch_seconds", "Time a stage spent on one consumed batch, from handing it over to the commit.",
+    ["stage", "lane"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
 STAGE_QUEUE_SECONDS = metrics.histogram(
     "notify_stage_queue_latency_seconds", "Time from a notification's creation to this stage picking it up.",
     ["stage", "lane"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
@@ -55,9 +67,9 @@ STAGE_ASSIGNED = metrics.gauge("notify_stage_assigned_partitions", "Partitions t
 QUARANTINED = metrics.counter(
     "notify_quarantined_total", "Messages sent to the invalid topic, by reason.", ["stage", "lane", "reason"])
 ERRORS = metrics.counter(
-    "notify_stage_errors_total", "Failures a worker caught and routed, by kind: message (the handler raised; the "
-    "message was quarantined), batch (a batch handler failed and is retried), timer, consumer (Kafka reported an "
-    "error), round (a releaser or reconciler round failed).", ["stage", "lane", "kind"])
+    "notify_stage_errors_total", "Failures a worker caught and routed, by kind: message (a record broke the "
+    "handler and was quarantined), infrastructure (a database, Redis or Kafka error; the batch is retried), "
+    "timer, consumer (Kafka reported an error), round (a reconciler round failed).", ["stage", "lane", "kind"])
 EVENTS = metrics.counter(
     "notify_delivery_events_total", "Delivery events emitted, by status.", ["stage", "lane", "status"])
 
@@ -70,9 +82,30 @@ BATCH_SIZE = 500
 # Stages that serve both lanes from one consumer group (the receipts topic and the deliveries table are shared);
 # they run once, in the critical lane's process slot.
 LANE_FREE_STAGES = frozenset({"receipts", "reconcile"})
-POLL_TIMEOUT_S = 0.2
+POLL_TIMEOUT_S = 0.5  # the longest a stage blocks with nothing arriving (timers cut it shorter)
 FLUSH_TIMEOUT_S = 30.0
 BATCH_RETRY_S = 120.0  # well under max.poll.interval.ms (300 s): the group must not think we died
+RETRY_PAUSE_S = (0.25, 10.0)  # first and longest pause between retries of a batch that met an infrastructure error
+
+# What an outage of a dependency raises: the batch is retried, never quarantined.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,  # connection lost, server shutting down, pool timeout, statement timeout, deadlock
+    psycopg.InterfaceError,  # a closed connection or pool
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    KafkaException,
+    BufferError,  # the producer's queue is full and stays full: the broker is not taking anything
+    TimeoutError,
+    OSError,
+)
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Whether `exc` says a dependency is unavailable (retry the batch) rather than something about the data."""
+    if isinstance(exc, DeliveryFailed | serde.RegistryError):
+        return True
+    return isinstance(exc, INFRASTRUCTURE_ERRORS)
 
 
 def utcnow() -> datetime.datetime:
@@ -93,15 +126,22 @@ class Record:
 
     @classmethod
     def of(cls, message: Message) -> Record:
-        raw = message.headers() or []
-        pairs = raw.items() if isinstance(raw, dict) else raw
-        headers = {name: value.encode() if isinstance(value, str) else bytes(value or b"") for name, value in pairs}
-        return cls(topic=message.topic() or "", partition=message.partition() or 0, offset=message.offset() or 0,
-                   key=message.key(), value=message.value(), headers=headers, timestamp_ms=message.timestamp()[1])
+        raw = message.headers()
+        if raw:
+            pairs = raw.items() if isinstance(raw, dict) else raw
+            headers: Mapping[str, bytes] = {name: value.encode() if isinstance(value, str) else bytes(value or b"")
+                                            for name, value in pairs}
+        else:
+            headers = NO_HEADERS
+        return cls(message.topic() or "", message.partition() or 0, message.offset() or 0, message.key(),
+                   message.value(), headers, message.timestamp()[1])
 
     @property
     def source(self) -> str:
         return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+NO_HEADERS: Mapping[str, bytes] = {}
 
 
 def records_of(messages: Iterable[Message], ctx: StageContext) -> list[Record]:
@@ -112,7 +152,7 @@ def records_of(messages: Iterable[Message], ctx: StageContext) -> list[Record]:
         if error is None:
             records.append(Record.of(message))
         elif error.code() != KafkaError._PARTITION_EOF:
-            ERRORS.labels(ctx.stage, ctx.lane, "consumer").inc()
+            ctx.errors("consumer").inc()
             log.warning("%s: consumer error %s", ctx.group_id, error)
     return records
 
@@ -121,16 +161,39 @@ class DeliveryFailed(RuntimeError):
     """Kafka did not acknowledge something a batch produced: the batch is not committed."""
 
 
+@dataclass(slots=True)
+class Output:
+    """A record staged for producing: physical topic, key, value, headers, partition (-1: the partitioner's)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str | bytes | None]] | None
+    partition: int = -1
+
+
 @dataclass
 class StageContext:
-    """One stage of one lane: its producer, the serializer, and how it reports (events, quarantine, metrics)."""
+    """One stage of one lane: its producer, the serializer, its staged output, how it reports (events,
+    quarantine, metrics)."""
 
     settings: Settings
     stage: str
     lane: Lane
     producer: Producer
     codec: serde.AvroSerde = field(default_factory=serde.AvroSerde)
-    pending: list[concurrent.futures.Future[None]] = field(default_factory=list)
+    staged: list[Output] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._refused: list[Output] = []
+        self._failure = ""
+        self._unflushed = 0
+        self._physical: dict[str, str] = {}
+        self.outcomes = metrics.Children(STAGE_MESSAGES, self.stage, self.lane)
+        self.errors = metrics.Children(ERRORS, self.stage, self.lane)
+        self._events = metrics.Children(EVENTS, self.stage)
+        self._quarantined = metrics.Children(QUARANTINED, self.stage, self.lane)
+        self._queue_latency = STAGE_QUEUE_SECONDS.labels(self.stage, self.lane)
 
     @property
     def group_id(self) -> str:
@@ -138,48 +201,74 @@ class StageContext:
             return f"{self.settings.topic_prefix}notify-{self.stage}"
         return f"{self.settings.topic_prefix}notify-{self.stage}-{self.lane}"
 
+    def topic(self, logical_name: str) -> str:
+        physical = self._physical.get(logical_name)
+        if physical is None:
+            physical = self._physical[logical_name] = self.settings.topic(logical_name)
+        return physical
+
+    # ------------------------------------------------------------------------------------------------ output
+
     def send(self, logical_name: str, key: str | bytes | None, value: bytes | None,
-             headers: Mapping[str, bytes] | None = None, partition: int | None = None,
-             ) -> concurrent.futures.Future[None]:
-        """Produce without waiting; the returned future (also kept in `pending`) completes when Kafka acks."""
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+             headers: Mapping[str, bytes] | None = None, partition: int | None = None) -> None:
+        """Stage a record; it is produced by the next `settle()` (the runner's, after the handler returned)."""
+        self.staged.append(Output(self.topic(logical_name), key.encode() if isinstance(key, str) else key, value,
+                                  list(headers.items()) if headers else None,
+                                  -1 if partition is None else partition))
 
-        def on_delivery(error: KafkaError | None, _message: Message) -> None:
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(DeliveryFailed(f"{logical_name}: {error}"))
+    def discard(self, since: int = 0) -> None:
+        """Drop what was staged from position `since` on and not produced (a handler that failed is run again)."""
+        del self.staged[since:]
 
-        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
-        while True:
-            try:
-                self.producer.produce(self.settings.topic(logical_name), value=value,
-                                      key=key.encode() if isinstance(key, str) else key,
-                                      headers=list((headers or {}).items()), on_delivery=on_delivery, **extra)
-                break
-            except BufferError:  # the local queue is full: let deliveries drain, then try again
-                self.producer.poll(0.1)
-        self.pending.append(done)
-        return done
+    def _acked(self, error: KafkaError | None, message: Message) -> None:
+        # One bound callback for every record (no future or closure per record); it runs in flush()'s thread.
+        # A refused record is kept, on the partition it was given, to be produced again.
+        if error is not None:
+            headers = message.headers()
+            partition = message.partition()
+            self._refused.append(Output(message.topic() or "", message.key(), message.value(),
+                                        list(headers.items()) if isinstance(headers, dict) else headers,
+                                        partition if partition is not None and partition >= 0 else -1))
+            self._failure = f"{message.topic()}: {error}"
 
-    async def settle(self, futures: Sequence[concurrent.futures.Future[None]] | None = None) -> None:
-        """Wait until Kafka acknowledged `futures` (default: everything produced so far); raise if any failed."""
-        waiting = list(self.pending if futures is None else futures)
-        if futures is None:
-            self.pending = []
-        if not waiting:
+    def produce_staged(self) -> None:
+        """Hand everything staged to the producer (without waiting for acknowledgements)."""
+        if not self.staged:
+            return
+        staged, self.staged = self.staged, []
+        produce, acked = self.producer.produce, self._acked
+        for out in staged:
+            while True:
+                try:
+                    produce(out.topic, out.value, out.key, out.partition, acked, headers=out.headers)
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain, then try again
+                    self.producer.poll(0.05)
+        self._unflushed += len(staged)
+
+    async def settle(self) -> None:
+        """Produce what is staged and wait until Kafka acknowledged everything produced since the last settle;
+        DeliveryFailed if anything was refused or not acknowledged in time."""
+        self.produce_staged()
+        if not self._unflushed:
             return
         remaining = await asyncio.to_thread(self.producer.flush, FLUSH_TIMEOUT_S)
+        self._unflushed = remaining  # still queued in the producer: the next settle waits for them again
+        refused, self._refused = self._refused, []
+        if refused:
+            self.staged[:0] = refused
+            raise DeliveryFailed(f"Kafka refused {len(refused)} messages, e.g. {self._failure}")
         if remaining:
             raise DeliveryFailed(f"{remaining} messages not acknowledged within {FLUSH_TIMEOUT_S:.0f}s")
-        for future in waiting:
-            future.result(timeout=0)  # raises DeliveryFailed
 
-    async def emit(self, request: Mapping[str, Any], status: str, *, channel: str | None = None,
-                   provider: str | None = None, attempt: int = 0, error_code: str | None = None,
-                   error_message: str | None = None, lane: str | None = None) -> None:
-        """One DeliveryEvent on delivery-events for a state change of `request` (a request or a task); `lane`
-        for stages that serve both lanes (default: this stage's)."""
+    # ------------------------------------------------------------------------------------------------ reports
+
+    def emit(self, request: Mapping[str, Any], status: str, *, channel: str | None = None,
+             provider: str | None = None, attempt: int = 0, error_code: str | None = None,
+             error_message: str | None = None, lane: str | None = None, at: datetime.datetime | None = None,
+             ) -> None:
+        """Stage one DeliveryEvent on delivery-events for a state change of `request` (a request or a task);
+        `lane` for stages that serve both lanes (default: this stage's); `at` when a batch shares one clock."""
         event = {
             "event_id": str(uuid.uuid4()),
             "notification_id": str(request["notification_id"]),
@@ -193,15 +282,16 @@ class StageContext:
             "attempt": attempt,
             "error_code": error_code,
             "error_message": (error_message or "")[:1000] or None,
-            "occurred_at": utcnow(),
+            "occurred_at": at or utcnow(),
             "created_at": request.get("created_at"),
             "correlation_id": request.get("correlation_id"),
         }
-        self.send(topics.DELIVERY_EVENTS, request["user_id"], self.codec.encode(serde.DELIVERY_EVENT, event))
-        EVENTS.labels(self.stage, lane or self.lane, status).inc()
+        self.send(topics.DELIVERY_EVENTS, request["user_id"],
+                  self.codec.encode(serde.DELIVERY_EVENT, event, trusted=True))
+        self._events(lane or self.lane, status).inc()
 
-    async def quarantine(self, record: Record, reason: str, detail: str) -> None:
-        """The original bytes to `invalid`, with why and where from in headers."""
+    def quarantine(self, record: Record, reason: str, detail: str) -> None:
+        """Stage the original bytes for `invalid`, with why and where from in headers."""
         headers = {
             HEADER_REASON: reason.encode(),
             HEADER_DETAIL: detail[:2000].encode(errors="replace"),
@@ -209,46 +299,30 @@ class StageContext:
             "notify-stage": self.stage.encode(),
         }
         self.send(topics.INVALID, record.key, record.value, headers)
-        QUARANTINED.labels(self.stage, self.lane, reason).inc()
-        log.warning("quarantined %s: %s %s", record.source, reason, detail)
+        self._quarantined(reason).inc()
+        log.warning("quarantined %s: %s %s", record.source, reason, detail[:500])
 
-    async def decode_or_quarantine(self, record: Record, name: str) -> dict[str, Any] | None:
-        """The record `record` carries, or None after sending undecodable bytes to quarantine."""
+    def decode(self, record: Record, name: str) -> dict[str, Any] | None:
+        """The record `record` carries, or None after staging undecodable bytes for quarantine."""
         try:
             if record.value is None:
                 raise DecodeError("empty", "a null value (tombstone) where a record was expected")
             value: dict[str, Any] = self.codec.decode(record.value, expected=name).value
         except DecodeError as exc:
-            await self.quarantine(record, exc.reason, str(exc))
+            self.quarantine(record, exc.reason, str(exc))
+            self.outcomes("undecodable").inc()
             return None
-        self.observe_queue_latency(value.get("created_at"))
         return value
 
-    def observe_queue_latency(self, created_at: datetime.datetime | None) -> None:
+    def observe_queue_latency(self, created_at: datetime.datetime | None, now: datetime.datetime) -> None:
         if created_at is not None:
-            STAGE_QUEUE_SECONDS.labels(self.stage, self.lane).observe(
-                max(0.0, (utcnow() - created_at).total_seconds()))
+            self._queue_latency.observe(max(0.0, (now - created_at).total_seconds()))
 
 
-Handler = Callable[[StageContext, Record], Awaitable[str]]
-# A stage that handles a whole batch at once (the sender: one claim query for the batch, every send in flight
-# together). It routes bad records itself (quarantine); what it raises is an infrastructure failure, and the runner
-# retries the batch (see StageRunner._handle_batch).
+# A stage's work on the records of one input topic (or several, when they share a handler) in one consumed batch,
+# each partition's records in offset order. It stages its output through ctx.send/emit/quarantine; what it raises
+# is sorted by the runner (see the module docstring).
 BatchHandler = Callable[[StageContext, list[Record]], Awaitable[None]]
-
-
-async def guarded(ctx: StageContext, record: Record, handle: Handler) -> None:
-    """Run `handle` on one record; whatever it raises, the record is routed (quarantine), never dropped."""
-    started = time.perf_counter()
-    try:
-        outcome = await handle(ctx, record)
-    except Exception as exc:  # the last line of defence: the message must go somewhere
-        outcome = "error"
-        ERRORS.labels(ctx.stage, ctx.lane, "message").inc()
-        log.exception("%s/%s failed on %s", ctx.stage, ctx.lane, record.source)
-        await ctx.quarantine(record, "stage_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
-    STAGE_MESSAGES.labels(ctx.stage, ctx.lane, outcome).inc()
-    STAGE_SECONDS.labels(ctx.stage, ctx.lane).observe(time.perf_counter() - started)
 
 
 def header(record: Record, name: str) -> bytes | None:
@@ -289,13 +363,14 @@ class Table:
     def items(self, partition: int) -> list[tuple[str, bytes]]:
         return list(self._data[partition].items())
 
-    def put(self, key: str, value: bytes | None, partition: int) -> concurrent.futures.Future[None]:
-        """Set (or, with None, delete) `key` in `partition`: in memory now, in the backing topic when acked."""
+    def put(self, key: str, value: bytes | None, partition: int) -> None:
+        """Set (or, with None, delete) `key` in `partition`: in memory now, in the backing topic with the batch's
+        output."""
         if value is None:
             self._data[partition].pop(key, None)
         else:
             self._data[partition][key] = value
-        return self.ctx.send(self.logical_topic, key, value, partition=partition)
+        self.ctx.send(self.logical_topic, key, value, partition=partition)
 
     def _ingest(self, message: Message) -> None:
         key = (message.key() or b"").decode(errors="replace")
@@ -371,18 +446,40 @@ class Timer:
     due: float = 0.0
 
 
+@dataclass(frozen=True)
+class FlowStep:
+    """What a flow-controlled stage did with a batch: offsets it is done with, partitions to pause and resume."""
+
+    commit: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    pause: Sequence[tuple[str, int]] = ()
+    resume: Sequence[tuple[str, int]] = ()
+
+
+class Flow(Protocol):
+    """A stage that holds records back until they are due (the retry releaser): it sees every loop's batch, even an
+    empty one, says which offsets it is done with (the runner commits no further), which partitions to pause or
+    resume, and how long the runner may block waiting for new records."""
+
+    def step(self, ctx: StageContext, records: list[Record], now: float) -> FlowStep: ...
+
+    def poll_timeout(self, now: float) -> float: ...
+
+    def revoked(self, partitions: Iterable[tuple[str, int]]) -> None: ...
+
+
 @dataclass
 class Stage:
-    """What a stage consists of: handlers per input topic, tables that follow the input's partitions, timers."""
+    """What a stage consists of: a batch handler per input topic (or a flow), tables that follow the input's
+    partitions, timers."""
 
     ctx: StageContext
-    handlers: dict[str, Handler]  # logical input topic -> handler
+    handlers: dict[str, BatchHandler]  # logical input topic -> handler; topics sharing a handler share its call
     tables: list[Table] = field(default_factory=list)
     timers: list[Timer] = field(default_factory=list)
-    batch_handler: BatchHandler | None = None  # instead of per-record handlers, when set ...
-    inputs: list[str] = field(default_factory=list)  # ... reading these logical topics
     batch_size: int = BATCH_SIZE
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run once when the runner ends
+    flow: Flow | None = None  # instead of handlers: the stage decides what it is done with (see Flow)
+    inputs: list[str] = field(default_factory=list)  # the flow's logical input topics
 
     def every(self, interval_s: float, name: str) -> Callable[[Callable[[], Awaitable[None]]],
                                                              Callable[[], Awaitable[None]]]:
@@ -393,7 +490,7 @@ class Stage:
 
 
 class StageRunner:
-    """Runs one Stage until `stop()`: consume, handle, settle, commit; tables follow the assignment."""
+    """Runs one Stage until `stop()`: take a batch, handle it, settle, commit; tables follow the assignment."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
@@ -403,58 +500,120 @@ class StageRunner:
             "max.poll.interval.ms": 300_000,
             "client.id": f"notify-{self.ctx.stage}-{self.ctx.lane}",
         })
+        if stage.flow is not None and stage.handlers:
+            raise ValueError("a stage has handlers or a flow, not both")
         self._topics = {self.ctx.settings.topic(name): name for name in [*stage.handlers, *stage.inputs]}
-        if stage.batch_handler is not None and stage.handlers:
-            raise ValueError("a stage has per-record handlers or a batch handler, not both")
+        self._handler_of = {self.ctx.settings.topic(name): handler for name, handler in stage.handlers.items()}
+        self._uncommitted: dict[tuple[str, int], int] = {}  # committed asynchronously, not yet known to be done
+        self._batch_seconds = STAGE_BATCH_SECONDS.labels(self.ctx.stage, self.ctx.lane)
+        self._batch_size = STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane)
+        self._assigned = STAGE_ASSIGNED.labels(self.ctx.stage, self.ctx.lane)
+        self._stall_key = f"{self.ctx.stage}/{self.ctx.lane}"
         self.ready = asyncio.Event()
 
-    # librdkafka calls these from inside consume(), on our consumer thread, between batches: nothing is in
-    # flight then (each batch is committed before the next consume), so an eager rebalance loses nothing.
+    # librdkafka calls these from inside poll(), on our consumer thread, between batches: nothing is in flight
+    # then (each batch is acknowledged before the next poll), so an eager rebalance loses nothing.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = {tp.partition for tp in partitions}
         for table in self.stage.tables:
             table.restore(numbers)
-        STAGE_ASSIGNED.labels(self.ctx.stage, self.ctx.lane).set(len(partitions))
+        self._assigned.set(len(partitions))
         log.info("%s: assigned %s", self.ctx.group_id, sorted((tp.topic, tp.partition) for tp in partitions))
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        # the last batch's offsets went out asynchronously: make sure the next owner starts after them
+        pending = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in gone]
+        if pending:
+            with contextlib.suppress(KafkaException):
+                consumer.commit(offsets=pending, asynchronous=False)
+        for key in gone:
+            self._uncommitted.pop(key, None)
         numbers = {tp.partition for tp in partitions}
         for table in self.stage.tables:
             table.release(numbers)
-        STAGE_ASSIGNED.labels(self.ctx.stage, self.ctx.lane).set(0)
-        log.info("%s: revoked %s", self.ctx.group_id, sorted((tp.topic, tp.partition) for tp in partitions))
+        if self.stage.flow is not None:
+            self.stage.flow.revoked(gone)
+        self._assigned.set(0)
+        log.info("%s: revoked %s", self.ctx.group_id, sorted(gone))
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _handle_partition(self, records: list[Record]) -> None:
-        for record in records:
-            await guarded(self.ctx, record, self.stage.handlers[self._topics[record.topic]])
+    # ------------------------------------------------------------------------------------------- one batch
 
-    async def _handle_batch(self, records: list[Record]) -> None:
-        """The batch handler, retried while it fails (a database or Redis outage) with growing pauses.
-
-        Nothing is committed meanwhile. If it still fails after BATCH_RETRY_S, or the worker is stopping, the error
-        propagates: the worker ends without committing and the batch is redelivered to whoever owns it next.
-        """
-        assert self.stage.batch_handler is not None
+    async def _handle(self, handler: BatchHandler, records: list[Record]) -> None:
+        """Run `handler` on `records` until it succeeds: an infrastructure error retries the same records (and the
+        worker reports not-ready meanwhile); any other error splits the records until the one that breaks the
+        handler is alone, and quarantines it."""
         started = time.monotonic()
-        pause = 0.5
+        pause = RETRY_PAUSE_S[0]
+        mark = len(self.ctx.staged)  # what earlier handlers of the batch staged stays
         while True:
             try:
-                await self.stage.batch_handler(self.ctx, records)
+                await handler(self.ctx, records)
                 return
-            except Exception:
+            except Exception as exc:
+                self.ctx.discard(mark)
+                if not is_infrastructure(exc):
+                    await self._isolate(handler, records, exc)
+                    return
                 if self._stopping.is_set() or time.monotonic() - started > BATCH_RETRY_S:
                     raise
-                ERRORS.labels(self.ctx.stage, self.ctx.lane, "batch").inc()
-                log.exception("%s: batch of %d failed; retrying in %.1fs", self.ctx.group_id, len(records), pause)
+                self.ctx.errors("infrastructure").inc()
+                health.STALLED[self._stall_key] = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("%s: batch of %d met %s: %s; retrying in %.2fs", self.ctx.group_id, len(records),
+                            type(exc).__name__, exc, pause)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 10.0)
+                pause = min(pause * 2, RETRY_PAUSE_S[1])
+
+    async def _isolate(self, handler: BatchHandler, records: list[Record], exc: Exception) -> None:
+        if len(records) == 1:
+            record = records[0]
+            self.ctx.errors("message").inc()
+            log.error("%s: %s broke the handler: %s: %s", self.ctx.group_id, record.source, type(exc).__name__, exc)
+            self.ctx.quarantine(record, "stage_error", f"{type(exc).__name__}: {exc}\n"
+                                f"{''.join(traceback.format_exception(exc, limit=5))}")
+            self.ctx.outcomes("error").inc()
+            return
+        middle = len(records) // 2  # halves in order: a partition's records stay in offset order
+        await self._handle(handler, records[:middle])
+        await self._handle(handler, records[middle:])
+
+    async def _handle_batch(self, records: list[Record]) -> None:
+        groups: dict[int, tuple[BatchHandler, list[Record]]] = {}
+        for record in records:
+            handler = self._handler_of[record.topic]
+            entry = groups.get(id(handler))
+            if entry is None:
+                groups[id(handler)] = (handler, [record])
+            else:
+                entry[1].append(record)
+        for handler, group in groups.values():
+            await self._handle(handler, group)
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Produce and acknowledge the batch's output; a broker outage is retried like any infrastructure error
+        (the staged output is kept until Kafka takes it)."""
+        started = time.monotonic()
+        pause = RETRY_PAUSE_S[0]
+        while True:
+            try:
+                await self.ctx.settle()
+                return
+            except DeliveryFailed as exc:  # what Kafka refused is staged again; the next settle produces it
+                if self._stopping.is_set() or time.monotonic() - started > BATCH_RETRY_S:
+                    raise
+                self.ctx.errors("infrastructure").inc()
+                health.STALLED[self._stall_key] = f"Kafka: {exc}"[:300]
+                log.warning("%s: %s; retrying in %.2fs", self.ctx.group_id, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_PAUSE_S[1])
 
     async def _run_due_timers(self) -> None:
-        """Timers run between batches, on the loop: they never race a batch over tables or pending sends."""
+        """Timers run between batches, on the loop: they never race a batch over tables or staged output."""
         for timer in self.stage.timers:
             now = time.monotonic()
             if now < timer.due:
@@ -464,8 +623,33 @@ class StageRunner:
                 await timer.run()
                 await self.ctx.settle()
             except Exception:  # a timer's failure must not end the worker: the next tick retries
-                ERRORS.labels(self.ctx.stage, self.ctx.lane, "timer").inc()
+                self.ctx.discard()
+                self.ctx.errors("timer").inc()
                 log.exception("%s: timer %s failed; retrying next tick", self.ctx.group_id, timer.name)
+
+    def _poll_timeout(self) -> float:
+        now = time.monotonic()
+        timeout = POLL_TIMEOUT_S
+        for timer in self.stage.timers:
+            timeout = min(timeout, timer.due - now)
+        if self.stage.flow is not None:
+            timeout = min(timeout, self.stage.flow.poll_timeout(time.time()))
+        return max(0.0, timeout)
+
+    def _fetch(self, timeout_s: float) -> list[Message]:
+        """Block until the first record (or the timeout), then take what else has already arrived, up to the batch
+        size, without waiting for more; then let the tables catch up. On the consumer thread."""
+        first = self._consumer.poll(timeout_s)
+        messages = [] if first is None else [first, *self._consumer.consume(self.stage.batch_size - 1, 0)]
+        for table in self.stage.tables:
+            table.catch_up()
+        return messages
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit asynchronously: a lost commit only re-delivers a batch every stage handles idempotently, and the
+        last one is committed synchronously on revoke and on close."""
+        self._uncommitted.update(offsets)
+        self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True)
 
     async def run(self) -> None:
         # One thread owns the consumer and the table readers (librdkafka clients are not to be shared).
@@ -477,28 +661,30 @@ class StageRunner:
 
         await on_thread(self._consumer.subscribe, list(self._topics),
                         self._on_assign, self._on_revoke, self._on_revoke)
+        flow = self.stage.flow
         try:
             while not self._stopping.is_set():
-                messages: list[Message] = await on_thread(self._consumer.consume, self.stage.batch_size,
-                                                          POLL_TIMEOUT_S)
-                for table in self.stage.tables:
-                    await on_thread(table.catch_up)
+                messages: list[Message] = await on_thread(self._fetch, self._poll_timeout())
                 await self._run_due_timers()
-                if not messages:
+                if not messages and flow is None:
                     continue
-                by_partition: dict[tuple[str, int], list[Record]] = defaultdict(list)
+                started = time.monotonic()
+                records = records_of(messages, self.ctx)
+                if flow is not None:
+                    step = flow.step(self.ctx, records, time.time())
+                    await self._settle()
+                    await on_thread(self._apply_flow, step)
+                    continue
                 offsets: dict[tuple[str, int], int] = {}
-                for record in records_of(messages, self.ctx):
-                    by_partition[(record.topic, record.partition)].append(record)
+                for record in records:
                     offsets[(record.topic, record.partition)] = record.offset + 1
-                STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane).observe(len(messages))
-                if self.stage.batch_handler is not None:
-                    await self._handle_batch([r for rs in by_partition.values() for r in rs])
-                else:
-                    await asyncio.gather(*(self._handle_partition(rs) for rs in by_partition.values()))
-                await self.ctx.settle()  # everything the batch produced is acknowledged ...
-                if offsets:  # ... before its offsets are committed
-                    await on_thread(self._commit, [TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+                self._batch_size.observe(len(messages))
+                if records:
+                    await self._handle_batch(records)
+                health.STALLED.pop(self._stall_key, None)
+                if offsets:  # everything the batch produced is acknowledged: its offsets may go
+                    await on_thread(self._commit, offsets)
+                self._batch_seconds.observe(time.monotonic() - started)
         finally:
             self._stopping.set()
             try:
@@ -506,14 +692,24 @@ class StageRunner:
             finally:
                 await on_thread(self._close)
                 io.shutdown(wait=False)
+                health.STALLED.pop(self._stall_key, None)
                 for close in self.stage.closers:
                     with contextlib.suppress(Exception):
                         await close()
 
-    def _commit(self, offsets: list[TopicPartition]) -> None:
-        self._consumer.commit(offsets=offsets, asynchronous=False)
+    def _apply_flow(self, step: FlowStep) -> None:
+        if step.pause:
+            self._consumer.pause([TopicPartition(t, p) for t, p in step.pause])
+        if step.resume:
+            self._consumer.resume([TopicPartition(t, p) for t, p in step.resume])
+        if step.commit:
+            self._commit(dict(step.commit))
 
     def _close(self) -> None:
+        if self._uncommitted:
+            with contextlib.suppress(KafkaException):
+                self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()],
+                                      asynchronous=False)
         self._consumer.close()  # leaves the group at once: the partitions move without a session timeout
         for table in self.stage.tables:
             table.close()

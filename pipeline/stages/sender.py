@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,7 +46,15 @@ from pipeline.policy import cost, recovery
 from pipeline.policy import providers as policy
 from pipeline.policy.templates import Rendered, TemplateError, render
 from pipeline.stages import retry
-from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
+from pipeline.stages.runtime import (
+    BATCH_RETRY_S,
+    RETRY_PAUSE_S,
+    Record,
+    Stage,
+    StageContext,
+    is_infrastructure,
+    utcnow,
+)
 
 log = logging.getLogger("notify.sender")
 
@@ -196,6 +205,14 @@ class Sender:
                 # increment, so a fresh worker's first calls would be missing from every ratio.
                 PROVIDER_OUTCOMES.labels(provider, channel, "accepted", "ok")
                 COST.labels(provider, channel)
+        self._in_flight = IN_FLIGHT.labels(ctx.lane)
+        self._skipped = SKIPPED.labels(ctx.lane)
+        self._deliveries = metrics.Children(DELIVERIES, ctx.lane)
+        self._send_latency = metrics.Children(SEND_LATENCY, ctx.lane)
+        self._provider_in_flight = metrics.Children(PROVIDER_IN_FLIGHT)
+        self._provider_seconds = metrics.Children(PROVIDER_SECONDS)
+        self._provider_outcomes = metrics.Children(PROVIDER_OUTCOMES)
+        self._cost = metrics.Children(COST)
         self.tiers = retry.tiers(ctx.settings, ctx.lane)
         self.delays = [delay for _, delay in self.tiers]
         # every provider a route can name: their breakers are read once per batch
@@ -221,7 +238,7 @@ class Sender:
         tasks: dict[tuple[str, str], dict[str, Any]] = {}
         sources: dict[tuple[str, str], Record] = {}
         for record in records:
-            task = await ctx.decode_or_quarantine(record, serde.DELIVERY_TASK)
+            task = ctx.decode(record, serde.DELIVERY_TASK)
             if task is not None:
                 key = (str(task["notification_id"]), task["channel"])
                 tasks[key], sources[key] = task, record  # a batch may hold a task twice
@@ -251,20 +268,20 @@ class Sender:
                 for nid, ch, attempt_no, tiers, fallback_from in rows]
         skipped = len(to_claim) - len(jobs)
         if skipped:
-            SKIPPED.labels(ctx.lane).inc(skipped)
+            self._skipped.inc(skipped)
         for job in jobs:
-            ctx.observe_queue_latency(job.task.get("created_at"))
-            await ctx.emit(job.task, "sending", channel=job.key[1], attempt=job.attempt_no)
+            ctx.observe_queue_latency(job.task.get("created_at"), now)
+            ctx.emit(job.task, "sending", channel=job.key[1], attempt=job.attempt_no, at=now)
         if jobs:
             breakers = await self.board.states(self.providers)
             probes = {p for p, state in breakers.items() if state == "half_open"}
-            IN_FLIGHT.labels(ctx.lane).inc(len(jobs))
+            self._in_flight.inc(len(jobs))
             try:
                 await asyncio.gather(*(self._deliver(job, breakers, probes) for job in jobs))
             finally:
-                IN_FLIGHT.labels(ctx.lane).dec(len(jobs))
+                self._in_flight.dec(len(jobs))
             await self.board.release_probes(probes)  # tokens won but not used: another worker may probe
-            await self._record(jobs)
+            await self._record_surely(jobs)
         log.debug("batch: %d tasks, %d sent, %d skipped, %d unsendable/expired", len(tasks), len(jobs), skipped,
                   gone)
 
@@ -277,8 +294,8 @@ class Sender:
             rows = await (await conn.execute(EXPIRE, {"ids": [k[0] for k in expired],
                                                       "channels": [k[1] for k in expired]})).fetchall()
             for nid, channel in rows:
-                await self.ctx.emit(tasks[(nid, channel)], "expired", channel=channel, error_code="expired")
-                DELIVERIES.labels(self.ctx.lane, channel, "expired").inc()
+                self.ctx.emit(tasks[(nid, channel)], "expired", channel=channel, error_code="expired")
+                self._deliveries(channel, "expired").inc()
             done += len(rows)
         if unsendable:
             keys = list(unsendable)
@@ -288,9 +305,9 @@ class Sender:
             })).fetchall()
             for nid, channel in rows:
                 error = unsendable[(nid, channel)]
-                await self.ctx.emit(tasks[(nid, channel)], "failed", channel=channel, error_code=error.code,
-                                    error_message=str(error))
-                DELIVERIES.labels(self.ctx.lane, channel, "failed").inc()
+                self.ctx.emit(tasks[(nid, channel)], "failed", channel=channel, error_code=error.code,
+                              error_message=str(error))
+                self._deliveries(channel, "failed").inc()
             done += len(rows)
         return done
 
@@ -350,17 +367,17 @@ class Sender:
 
     async def _call(self, job: Job, provider: str, message: Message) -> Outcome:
         started = utcnow()
-        PROVIDER_IN_FLIGHT.labels(provider).inc()
+        self._provider_in_flight(provider).inc()
         try:
             outcome = await self.connector(provider).send(message)
         finally:
-            PROVIDER_IN_FLIGHT.labels(provider).dec()
+            self._provider_in_flight(provider).dec()
         job.calls.append(Call(outcome, started, utcnow()))
         self.latencies[provider].append(outcome.latency_s)
-        PROVIDER_SECONDS.labels(provider, message.channel, outcome.kind).observe(outcome.latency_s)
-        PROVIDER_OUTCOMES.labels(provider, message.channel, outcome.kind, outcome.reason).inc()
+        self._provider_seconds(provider, message.channel, outcome.kind).observe(outcome.latency_s)
+        self._provider_outcomes(provider, message.channel, outcome.kind, outcome.reason).inc()
         if outcome.kind == "accepted":
-            COST.labels(provider, message.channel).inc(
+            self._cost(provider, message.channel).inc(
                 cost.message_cost(self.prices, provider, message.channel, message.body))
         return outcome
 
@@ -408,6 +425,29 @@ class Sender:
         SHADOW_OUTCOMES.labels(provider, message.channel, outcome.kind).inc()
 
     # ------------------------------------------------------------------------------------------- recording
+
+    async def _record_surely(self, jobs: list[Job]) -> None:
+        """Record the outcomes, retrying while the database is away. Nothing after the claim may fail the batch: a
+        batch run again finds its rows claimed and would never record what was sent. If the database stays away,
+        the rows stay `sending` and reconciliation asks the providers once their leases expire."""
+        started = time.monotonic()
+        pause = RETRY_PAUSE_S[0]
+        mark = len(self.ctx.staged)
+        while True:
+            try:
+                await self._record(jobs)
+                return
+            except Exception as exc:
+                self.ctx.discard(mark)
+                if not is_infrastructure(exc) or time.monotonic() - started > BATCH_RETRY_S:
+                    log.exception("recording %d outcomes failed; reconciliation resolves them after their leases",
+                                  len(jobs))
+                    return
+                self.ctx.errors("infrastructure").inc()
+                log.warning("recording %d outcomes met %s: %s; retrying in %.2fs", len(jobs), type(exc).__name__,
+                            exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_PAUSE_S[1])
 
     async def _record(self, jobs: list[Job]) -> None:
         now = utcnow()
@@ -463,14 +503,14 @@ class Sender:
                 log.warning("%s: lease lost before the outcome %s was recorded; reconciliation decides", job.key,
                             state)
                 continue
-            DELIVERIES.labels(self.ctx.lane, channel, state).inc()
+            self._deliveries(channel, state).inc()
             provider = job.accepted_by.provider if job.accepted_by else (job.last.provider if job.last else None)
-            await self.ctx.emit(job.task, state, channel=channel, provider=provider, attempt=job.attempt_no,
-                                error_code=code, error_message=message)
+            self.ctx.emit(job.task, state, channel=channel, provider=provider, attempt=job.attempt_no,
+                          error_code=code, error_message=message, at=now)
             if job.retry is not None and state in ("retry_scheduled", "dead_lettered"):
                 self._park(job, code or "", message or "")
             if state == "accepted" and job.task.get("created_at") is not None:
-                SEND_LATENCY.labels(self.ctx.lane, channel, job.task["type"]).observe(
+                self._send_latency(channel, job.task["type"]).observe(
                     max(0.0, (now - job.task["created_at"]).total_seconds()))
 
 
@@ -480,5 +520,6 @@ def build(ctx: StageContext) -> Stage:
         failure_rate=settings.breaker_failure_rate, min_calls=settings.breaker_min_calls,
         window_s=settings.breaker_window_s, open_s=settings.breaker_open_s), prefix=settings.topic_prefix)
     sender = Sender(ctx, board)
-    return Stage(ctx, {}, batch_handler=sender.handle, batch_size=settings.sender_max_in_flight,
-                 closers=[sender.close], inputs=[topics.send_topic(ch, ctx.lane) for ch in CHANNELS])
+    # every channel's send topic in one call: one claim and one record statement for the whole batch
+    return Stage(ctx, {topics.send_topic(ch, ctx.lane): sender.handle for ch in CHANNELS},
+                 batch_size=settings.sender_max_in_flight, closers=[sender.close])
