@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from pipeline import config
+from pipeline import aio, config
 from pipeline.domain import STAGES as _STAGES
 from pipeline.errors import NotifyError
 
@@ -88,11 +88,10 @@ def _wait_for_pipeline(settings: config.Settings, alive: Callable[[], bool], tim
 
 
 def _cmd_api(args: argparse.Namespace) -> int:
-    import asyncio
 
     from pipeline.api.app import run_api
 
-    asyncio.run(run_api(config.settings(), port=args.port))
+    aio.run(run_api(config.settings(), port=args.port))
     return 0
 
 
@@ -216,16 +215,14 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline import bench
+    from pathlib import Path
 
-    if args.action == "send":
-        from pipeline import bench_send
+    from pipeline.bench.run import Plan, run_bench
 
-        latencies = [float(x) for x in args.latencies.split(",")]
-        return bench_send.run_send_bench(config.settings(), count=args.tasks, latencies_ms=latencies,
-                                         concurrency=args.concurrency)
-    return bench.run_intake_bench(config.settings(), requests=args.requests, backlog=args.backlog, otps=args.otps,
-                                  skip_backlog=args.skip_backlog, keep_topics=args.keep_topics)
+    return run_bench(config.settings(), Plan(
+        requests=args.requests, api_share=args.api_share, idle_otps=args.idle_otps, backlog=args.backlog,
+        otps=args.otps, skip_backlog=args.skip_backlog, baseline=args.baseline,
+        provider_latency_ms=args.provider_latency_ms, report_dir=Path(args.report) if args.report else None))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -355,19 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --once: only these notifications (repeatable), e.g. one a user asked about")
     p.set_defaults(func=_cmd_reconcile)
 
-    p = sub.add_parser("bench", help="benchmark the stages on topics of their own: `notify bench intake` prints "
-                       "throughput, per-stage latency, CPU per notification and OTP latency behind a bulk backlog; "
-                       "`notify bench send` the sender's throughput, in-flight, provider and end-to-end latency "
-                       "against the simulator")
-    p.add_argument("action", choices=["intake", "send"])
-    p.add_argument("--tasks", type=int, default=4000, help="send: tasks per round")
-    p.add_argument("--latencies", default="50,200", help="send: provider latencies (ms) of the rounds")
-    p.add_argument("--concurrency", type=int, default=256, help="send: calls in flight per provider and worker")
-    p.add_argument("--requests", type=int, default=20_000, help="notifications of the throughput phase")
-    p.add_argument("--backlog", type=int, default=100_000, help="bulk requests queued before the OTPs")
+    p = sub.add_parser("bench", help="benchmark the whole pipeline (requests -> every stage -> the simulator's "
+                       "ledger -> receipts) on topics, a database and Redis keys of its own, removed afterwards: "
+                       "throughput, latency per stage and lane, CPU per notification of every process on the box; "
+                       "writes a report with charts")
+    p.add_argument("--requests", type=int, default=100_000, help="requests of the burst phase")
+    p.add_argument("--api-share", type=float, default=0.1, help="share of the burst posted to the ingest API")
+    p.add_argument("--idle-otps", type=int, default=50, help="OTPs sent one at a time through the API first")
+    p.add_argument("--backlog", type=int, default=100_000, help="bulk requests queued before the OTPs of phase 2")
     p.add_argument("--otps", type=int, default=200, help="OTPs sent (one every 50 ms) while the backlog drains")
-    p.add_argument("--skip-backlog", action="store_true", help="only the throughput phase")
-    p.add_argument("--keep-topics", action="store_true", help="leave the run's topics on the cluster")
+    p.add_argument("--skip-backlog", action="store_true", help="no phase 2")
+    p.add_argument("--baseline", action="store_true", help="also run the raw Kafka chain doing the same hops and "
+                   "print the ratio")
+    p.add_argument("--provider-latency-ms", type=float, default=20.0, help="the simulated providers' latency")
+    p.add_argument("--report", metavar="DIR", help="report folder (default .stack/bench-reports/<time>-<run>)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("config", help="print every setting, its environment variable and its value")

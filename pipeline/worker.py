@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from pipeline import health, kafka
+from pipeline import aio, health, kafka
 from pipeline.config import Settings
 from pipeline.domain import LANES, STAGES, Lane
 from pipeline.reconcile import Reconciler
@@ -107,7 +107,7 @@ def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
     health.serve(port, health.Readiness(settings), name=f"{stage}/{lane}")
     print(f"worker {stage}/{lane}: consumer group {ctx.group_id}, metrics and health on http://127.0.0.1:{port}",
           flush=True)
-    asyncio.run(_serve(runner))
+    aio.run(_serve(runner))
     return 0
 
 
@@ -121,7 +121,7 @@ def run_exporter(settings: Settings) -> int:
     health.serve(port, health.Readiness(settings), name="exporter")
     print(f"lag exporter: groups {settings.topic_prefix}notify-*, metrics and health on http://127.0.0.1:{port}",
           flush=True)
-    asyncio.run(_serve(lag_exporter))
+    aio.run(_serve(lag_exporter))
     return 0
 
 

@@ -24,7 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline import db, kafka, serde, topics
 from pipeline.api import create_app
-from pipeline.bench import free_port_block
+from pipeline.bench.rig import free_port_block
 from pipeline.client import NotificationProducer
 from pipeline.config import Settings
 from pipeline.domain import STAGES, Lane

@@ -20,8 +20,8 @@ from typing import Any
 from harness import TopicReader
 
 from pipeline import config, db, kafka, serde, topics
-from pipeline.bench import Workers, free_port_block
-from pipeline.bench_send import SimulatorProcess, produce, seed, wait_states
+from pipeline.bench.rig import Workers, free_port_block
+from pipeline.bench.sender_rig import SimulatorProcess, produce, seed, wait_states
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import CRITICAL_TYPES
 from pipeline.reconcile import reconcile_once

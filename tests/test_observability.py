@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from promql_names import metric_names
 
 from pipeline import health, kafka, topics
-from pipeline.bench_send import wait_states
+from pipeline.bench.sender_rig import wait_states
 from pipeline.config import Settings
 from pipeline.domain import STAGES
 from pipeline.exporter import LagExporter, Snapshot
@@ -285,7 +285,7 @@ def test_readiness_names_the_dependency_that_does_not_answer(settings: Settings)
     assert (status, body["checks"]) == (200, {"kafka": "ok", "postgres": "ok", "redis": "ok"})
     import dataclasses
 
-    from pipeline.bench import free_port_block
+    from pipeline.bench.rig import free_port_block
 
     dead = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port_block(1)}/0")
     status, body = health.Readiness(dead).report()

@@ -8,7 +8,7 @@ import pytest
 
 from connectors.base import Outcome
 from pipeline import config
-from pipeline.bench_send import make_task
+from pipeline.bench.sender_rig import make_task
 from pipeline.errors import ConfigError
 from pipeline.policy import providers as policy
 from pipeline.policy.templates import TemplateError, render

@@ -17,7 +17,7 @@ import pytest
 from loop_rig import LoopRig, start_loop
 
 from pipeline import db, dlq
-from pipeline.bench_send import make_task, seed
+from pipeline.bench.sender_rig import make_task, seed
 from pipeline.config import Settings
 from pipeline.stages import retry
 

@@ -23,7 +23,7 @@ from loop_rig import FINAL, LoopRig, produce_requests, start_loop
 from loop_rig import mixed_requests as requests
 
 from pipeline import kafka, replay, serde
-from pipeline.bench_send import states, wait_states
+from pipeline.bench.sender_rig import states, wait_states
 from pipeline.config import Settings
 
 STAGES = ("intake", "preferences", "routing", "sender", "retry", "receipts")

@@ -27,8 +27,8 @@ from confluent_kafka import TopicPartition
 from harness import start_pipeline
 
 from pipeline import db, kafka, topics
-from pipeline.bench import Workers, free_port_block
-from pipeline.bench_send import SimulatorProcess, make_task, produce, seed, wait_states
+from pipeline.bench.rig import Workers, free_port_block
+from pipeline.bench.sender_rig import SimulatorProcess, make_task, produce, seed, wait_states
 from pipeline.breaker import BreakerBoard
 from pipeline.config import Settings
 from pipeline.policy.providers import BreakerPolicy

@@ -9,6 +9,7 @@ faults, stats). `run_simulator` starts both; tests start both on free ports (tes
 
 Admin (JSON):
     GET  /_admin/ledger?provider=&notification_id=&to=&provider_message_id=   accepted messages, oldest first
+    GET  /_admin/ledger/summary            counts, and the notifications accepted more than once per recipient
     GET  /_admin/test-sends?provider=      messages accepted in a provider's test mode (shadow traffic)
     GET  /_admin/providers                 the fault settings of every provider
     POST /_admin/providers/{name}          change some fault settings (see connectors.simulator.state)
@@ -34,6 +35,7 @@ from connectors.simulator import fcm, mailgun, sendgrid, termii, twilio
 from connectors.simulator.apns import ApnsServer
 from connectors.simulator.common import SIM, Simulator, json_response, sim_of
 from connectors.simulator.state import PROVIDERS, FaultConfigError, SimulatorState
+from pipeline import aio
 from pipeline.config import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,6 +57,12 @@ async def ledger(request: web.Request) -> web.Response:
     filters = {key: request.query.get(key) for key in ("provider", "notification_id", "to", "provider_message_id")}
     entries = sim_of(request).state.query(**filters)
     return json_response(200, {"count": len(entries), "entries": [e.public() for e in entries]})
+
+
+async def ledger_summary(request: web.Request) -> web.Response:
+    """Counts of the ledger and the notifications in it more than once per recipient (for large runs, where the
+    ledger itself is too long to fetch)."""
+    return json_response(200, sim_of(request).state.summary())
 
 
 async def test_sends(request: web.Request) -> web.Response:
@@ -140,6 +148,7 @@ def create_simulator_app(settings: Settings, *, webhook_base_url: str | None = _
     for provider in (twilio, termii, sendgrid, mailgun, fcm):
         provider.add_routes(app)
     app.router.add_get("/_admin/ledger", ledger)
+    app.router.add_get("/_admin/ledger/summary", ledger_summary)
     app.router.add_get("/_admin/test-sends", test_sends)
     app.router.add_get("/_admin/providers", providers)
     app.router.add_post("/_admin/providers/{name}", configure)
@@ -177,7 +186,7 @@ def run_simulator_cli(settings: Settings, host: str = "127.0.0.1", port: int | N
           f"receipts to {settings.webhook_base_url or 'nowhere (NOTIFY_WEBHOOK_BASE_URL unset)'}", flush=True)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_simulator(settings, host, port))
+            aio.run(run_simulator(settings, host, port))
     except OSError as exc:
         print(f"simulator: cannot listen on {host}:{port} or :{settings.simulator_apns_port}: {exc}",
               file=sys.stderr)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import heapq
 import json
 import logging
 import re
@@ -36,6 +38,22 @@ BOUNCE_DOMAIN = "bounce.simulator.invalid"
 
 # Built per accepted message when its callback is due: (body, headers) for the callback URL.
 CallbackBuilder = Callable[[LedgerEntry, str], tuple[bytes, dict[str, str]]]
+# A provider that batches its webhook (SendGrid's Event Webhook posts a JSON array of many messages' events): the
+# events of one message when due, and the signed request for a batch of them.
+EventsOf = Callable[[LedgerEntry], list[dict[str, Any]]]
+SignBatch = Callable[[bytes], dict[str, str]]
+BATCH_EVERY_S = 0.1  # how long events wait for others before their batch is posted
+BATCH_MAX_EVENTS = 1000
+
+
+@dataclass(order=True)
+class _Due:
+    at: float
+    seq: int
+    entry: LedgerEntry = field(compare=False)
+    url: str = field(compare=False)
+    events_of: EventsOf = field(compare=False)
+    sign: SignBatch = field(compare=False)
 
 
 @dataclass
@@ -44,6 +62,58 @@ class Simulator:
     state: SimulatorState
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     session: aiohttp.ClientSession | None = None
+    _due: list[_Due] = field(default_factory=list)  # a heap: batched events by due time
+    _batcher: asyncio.Task[None] | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def schedule_batched(self, entry: LedgerEntry, url: str | None, events_of: EventsOf, sign: SignBatch) -> None:
+        """Queue the message's events for `url` once it is delivered; due events are posted in batches, as
+        SendGrid's Event Webhook does (one request per BATCH_EVERY_S and URL, up to BATCH_MAX_EVENTS messages)."""
+        if not url or self.state.rng.random() < self.state.faults[entry.provider].lost_receipts:
+            return
+        entry.callback_url = url
+        heapq.heappush(self._due, _Due(entry.deliver_at + 0.005, entry.seq, entry, url, events_of, sign))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._post_batches())
+        self._wake.set()
+
+    async def _post_batches(self) -> None:
+        while self._due:
+            wait = self._due[0].at - time.time()
+            if wait > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            await asyncio.sleep(BATCH_EVERY_S)  # let the batch fill
+            now = time.time()
+            by_url: dict[str, list[_Due]] = {}
+            while self._due and self._due[0].at <= now and sum(map(len, by_url.values())) < BATCH_MAX_EVENTS:
+                due = heapq.heappop(self._due)
+                by_url.setdefault(due.url, []).append(due)
+            for url, items in by_url.items():
+                task = asyncio.create_task(self._post_batch(url, items))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _post_batch(self, url: str, items: list[_Due], attempts: int = 3) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        for attempt in range(attempts):
+            body = json.dumps([event for item in items for event in item.events_of(item.entry)]).encode()
+            record: dict[str, Any] = {"url": url, "at": time.time(), "attempt": attempt + 1, "batch": len(items)}
+            try:
+                async with self.session.post(url, data=body, headers=items[0].sign(body)) as resp:
+                    await resp.read()
+                    record["status"] = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                record["error"] = f"{type(exc).__name__}: {exc}"
+            for item in items:
+                item.entry.callbacks.append(record)
+            if 200 <= record.get("status", 0) < 300:
+                return
+            await asyncio.sleep(0.2 * 2**attempt)
+        log.warning("a batch of %d callbacks to %s failed %d times", len(items), url, attempts)
 
     def schedule_callback(self, entry: LedgerEntry, url: str | None, build: CallbackBuilder) -> None:
         """POST the provider's delivery receipt to `url` once the message is delivered (nothing when url is None)."""
@@ -77,6 +147,9 @@ class Simulator:
 
     async def close(self) -> None:
         self.state.stopping.set()
+        if self._batcher is not None:
+            self._batcher.cancel()
+            self.tasks.add(self._batcher)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

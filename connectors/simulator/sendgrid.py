@@ -127,7 +127,7 @@ async def mail_send(request: web.Request) -> web.Response:
                              fails=to.endswith("@" + BOUNCE_DOMAIN), test_mode=sandbox)
     if sandbox:  # sandbox mode: validated and answered 200, never delivered, no events
         return web.Response(status=200, headers={"X-Message-Id": message_id})
-    sim.schedule_callback(entry, sim.state.faults[P].webhook_url, lambda e, _url: event_webhook(e, custom))
+    sim.schedule_batched(entry, sim.state.faults[P].webhook_url, lambda e: _events(e, custom), sign_events)
     if fault == "hang":
         entry.hung = True
         await sim.state.hang()
@@ -155,10 +155,16 @@ def _events(entry: LedgerEntry, custom: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def event_webhook(entry: LedgerEntry, custom: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """One message's events as a signed Event Webhook request."""
     body = json.dumps(_events(entry, custom)).encode()
+    return body, sign_events(body)
+
+
+def sign_events(body: bytes) -> dict[str, str]:
+    """The headers of a signed Event Webhook request (ECDSA over timestamp + body), for a batch of events."""
     timestamp = str(int(time.time()))
     signature = SIGNING_KEY.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
-    return body, {"Content-Type": "application/json",
+    return {"Content-Type": "application/json",
                   "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),
                   "X-Twilio-Email-Event-Webhook-Timestamp": timestamp}
 

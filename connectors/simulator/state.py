@@ -104,7 +104,7 @@ def _rate(value: Any, key: str) -> float:
     return rate
 
 
-@dataclass
+@dataclass(slots=True)
 class LedgerEntry:
     """One message a provider accepted: the ground truth of what was sent."""
 
@@ -212,6 +212,17 @@ class SimulatorState:
         self.by_id[(provider, provider_message_id)] = entry
         self.count(provider, "accepted")
         return entry
+
+    def summary(self, show: int = 20) -> dict[str, Any]:
+        """How many messages were accepted, for how many notifications, and which notifications reached a user more
+        than once on one channel provider (the ones to look at)."""
+        seen: Counter[tuple[str | None, str]] = Counter(
+            (e.notification_id, e.to) for e in self.ledger if e.notification_id is not None)
+        repeated = [{"notification_id": nid, "to": to, "times": n} for (nid, to), n in seen.items() if n > 1]
+        return {"count": len(self.ledger), "distinct": len(seen),
+                "without_notification_id": sum(1 for e in self.ledger if e.notification_id is None),
+                "by_provider": dict(Counter(e.provider for e in self.ledger)),
+                "repeated_count": len(repeated), "repeated": repeated[:show]}
 
     def find(self, provider: str, provider_message_id: str) -> LedgerEntry | None:
         return self.by_id.get((provider, provider_message_id))

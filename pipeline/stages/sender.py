@@ -126,6 +126,16 @@ WHERE d.notification_id = k.notification_id AND d.channel = k.channel
   AND d.state = 'sending' AND d.lease_owner = %(owner)s
 RETURNING d.notification_id::text, d.channel
 """
+# A receipt can overtake the sender's answer (the provider's callback came while the batch was still out): the row
+# is final already, by the receipt of the very message we sent. It keeps its state; it learns when it was accepted.
+RECORD_OVERTAKEN = """
+UPDATE deliveries d SET accepted_at = now()
+FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(provider_ids)s::text[])
+    AS k(notification_id, channel, provider_message_id)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.accepted_at IS NULL
+  AND d.state IN ('delivered', 'failed') AND d.provider_message_id = k.provider_message_id
+RETURNING d.notification_id::text, d.channel
+"""
 ATTEMPTS = """
 INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, response_status,
     provider_message_id, error_code, error_payload, started_at, finished_at, latency_ms)
@@ -478,6 +488,13 @@ class Sender:
                 "owner": self.owner, "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs],
                 "states": states, "providers": provider_names, "provider_ids": provider_ids, "codes": codes,
                 "messages": messages, "due": due, "tiers": tiers})).fetchall()
+            done = {(nid, ch) for nid, ch in recorded}
+            overtaken = [(j, pid) for j, pid in zip(jobs, provider_ids, strict=True)
+                         if pid is not None and j.key not in done]
+            if overtaken:
+                recorded += await (await conn.execute(RECORD_OVERTAKEN, {
+                    "ids": [j.key[0] for j, _ in overtaken], "channels": [j.key[1] for j, _ in overtaken],
+                    "provider_ids": [pid for _, pid in overtaken]})).fetchall()
             if calls:
                 await conn.execute(ATTEMPTS, {
                     "ids": [j.key[0] for j, _ in calls], "channels": [j.key[1] for j, _ in calls],

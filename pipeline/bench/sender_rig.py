@@ -1,20 +1,18 @@
 """The sender on its own: a simulator process, queued deliveries seeded in PostgreSQL, tasks on send topics.
 
-Used by `notify bench send` and by the sender's end-to-end tests (one rig, so the benchmark measures exactly what
-the tests check). Rows are seeded the way routing leaves them (`notifications` row + `queued` delivery), and
-DeliveryTasks are produced to send.<channel>.<lane>, so the sender alone is measured and tested.
+Used by the sender's end-to-end tests, and the simulator process by `notify bench`. Rows are seeded the way routing
+leaves them (`notifications` row + `queued` delivery), and DeliveryTasks are produced to send.<channel>.<lane>, so
+the sender alone is tested.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,8 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from connectors.simulator.admin import admin_call
-from pipeline import config, db, kafka, metrics, serde, topics
-from pipeline.bench import Workers, free_port_block
+from pipeline import config, db, kafka, serde, topics
+from pipeline.bench.rig import free_port_block
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import lane_for
 
@@ -168,6 +166,9 @@ class SimulatorProcess:
         path = "/_admin/ledger" + (f"?provider={provider}" if provider else "")
         return list(self.call("GET", path)["entries"])
 
+    def ledger_of(self, notification_id: str) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"/_admin/ledger?notification_id={notification_id}")["entries"])
+
     def stats(self) -> dict[str, dict[str, int]]:
         answer: dict[str, dict[str, int]] = self.call("GET", "/_admin/stats")
         return answer
@@ -182,117 +183,3 @@ class SimulatorProcess:
             pass
         finally:
             self.log.close()
-
-
-# --------------------------------------------------------------------------------------------- the benchmark
-
-
-def _percentiles(values: Sequence[float]) -> str:
-    if not values:
-        return "n/a"
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-    return (f"p50 {at(0.5) * 1000:.0f} ms, p95 {at(0.95) * 1000:.0f} ms, p99 {at(0.99) * 1000:.0f} ms, "
-            f"max {ordered[-1] * 1000:.0f} ms")
-
-
-def _in_flight(ports: Sequence[int]) -> float:
-    total = 0.0
-    for port in ports:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("notify_sender_in_flight{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def run_round(settings: Settings, sim: SimulatorProcess, workers: Workers, latency_ms: float, count: int,
-              ports: Sequence[int]) -> dict[str, Any]:
-    """`count` tasks as one burst (half critical SMS, half bulk email) at `latency_ms` provider latency."""
-    sim.reset()
-    for provider in ("twilio", "sendgrid", "termii", "mailgun"):
-        sim.configure(provider, latency_ms=latency_ms, jitter_ms=latency_ms / 5)
-    tasks = [make_task(notification_type="otp", channel="sms") if i % 2 == 0 else
-             make_task(notification_type="portfolio", channel="email", ttl=None) for i in range(count)]
-    seed(settings, tasks)
-    ids = [t["notification_id"] for t in tasks]
-    cpu_before = workers.cpu_seconds()
-    started = time.monotonic()
-    produce(settings, tasks)
-    peak = 0.0
-    deadline = started + max(120.0, count / 20)
-    while time.monotonic() < deadline:
-        peak = max(peak, _in_flight(ports))
-        with db.connect(settings) as conn:
-            row = conn.execute("SELECT count(*) FROM deliveries WHERE notification_id = ANY(%s) "
-                               "AND state NOT IN ('queued', 'sending')", (ids,)).fetchone()
-        if row is not None and row[0] == count:
-            break
-        time.sleep(0.2)
-    elapsed = time.monotonic() - started
-    cpu_after = workers.cpu_seconds()
-    cpu = sum(cpu_after.get(pid, 0.0) - before for pid, before in cpu_before.items())
-    with db.connect(settings) as conn:
-        done = conn.execute(
-            "SELECT n.lane, d.state, extract(epoch FROM d.accepted_at - n.created_at) FROM deliveries d "
-            "JOIN notifications n USING (notification_id) WHERE d.notification_id = ANY(%s)", (ids,)).fetchall()
-        provider_ms = conn.execute(
-            "SELECT provider, latency_ms FROM notification_attempts WHERE notification_id = ANY(%s)",
-            (ids,)).fetchall()
-    accepted = sum(1 for _, state, _ in done if state == "accepted")
-    ledger = len(sim.ledger())
-    by_provider: dict[str, list[float]] = {}
-    for provider, ms in provider_ms:
-        by_provider.setdefault(provider, []).append(ms / 1000)
-    return {
-        "latency_ms": latency_ms, "count": count, "accepted": accepted, "ledger": ledger, "elapsed_s": elapsed,
-        "throughput": accepted / elapsed if elapsed else 0.0, "peak_in_flight": peak,
-        "cpu_ms_per_notification": cpu * 1000 / max(1, accepted),
-        "end_to_end": {lane: _percentiles([float(s) for ln, st, s in done if ln == lane and s is not None])
-                       for lane in ("critical", "bulk")},
-        "provider": {p: _percentiles(v) for p, v in sorted(by_provider.items())},
-    }
-
-
-def run_send_bench(settings: Settings, *, count: int = 4000, latencies_ms: Sequence[float] = (50, 200),
-                   concurrency: int = 256) -> int:
-    prefix = f"bench-send-{uuid.uuid4().hex[:6]}."
-    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block())
-    topics.apply(mine)
-    sim = SimulatorProcess.start(mine, mine.stack_dir / f"bench-send-sim-{prefix.strip('.')}.log",
-                                 {"NOTIFY_SIMULATOR_DELIVERY_DELAY_MS": "100"})
-    env = {**sim.env, "NOTIFY_PROVIDER_MAX_CONCURRENCY": str(concurrency), "NOTIFY_LOG_LEVEL": "WARNING"}
-    workers = Workers.start(mine, stages=("sender",), env=env)
-    from pipeline.worker import metrics_port
-    ports = [metrics_port(mine, "sender", lane) for lane in ("critical", "bulk")]
-    try:
-        print(f"notify bench send: {count} tasks per round (half critical SMS via Twilio, half bulk email via "
-              f"SendGrid), 2 sender workers (one per lane), provider concurrency {concurrency} per worker, "
-              f"batch {mine.sender_max_in_flight}", flush=True)
-        warm = [make_task() for _ in range(20)]
-        seed(mine, warm)
-        produce(mine, warm)
-        wait_states(mine, [t["notification_id"] for t in warm], {"accepted"}, 120)
-        for latency in latencies_ms:
-            result = run_round(mine, sim, workers, latency, count, ports)
-            print(f"\nprovider latency {latency:.0f} ms (+-{latency / 5:.0f}):")
-            print(f"  accepted {result['accepted']}/{result['count']} in {result['elapsed_s']:.1f} s: "
-                  f"{result['throughput']:.0f} notifications/s; simulator ledger {result['ledger']} messages")
-            print("  peak sends in flight (both workers): " + (f"{result['peak_in_flight']:.0f}" if metrics.ENABLED
-                                                                else "not measured (NOTIFY_METRICS=off)"))
-            print(f"  worker CPU per notification: {result['cpu_ms_per_notification']:.2f} ms")
-            for provider, text in result["provider"].items():
-                print(f"  provider call {provider}: {text}")
-            for lane, text in result["end_to_end"].items():
-                print(f"  task created -> accepted, {lane}: {text}")
-    finally:
-        workers.stop()
-        sim.stop()
-        kafka.delete_prefixed(mine, groups=True)
-    return 0
