@@ -109,8 +109,12 @@ class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # the twilio SD
         headers = dict(headers or {})
         if auth:
             headers["Authorization"] = basic_auth(*auth)
+        body: bytes | None = None
+        if data is not None:  # the form, encoded once here (aiohttp's FormData builds a multipart writer per call)
+            body = urlencode(data, doseq=True).encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
         async with self._connector.session().request(
-            method.upper(), url, params=params, data=data, headers=headers, allow_redirects=allow_redirects,
+            method.upper(), url, params=params, data=body, headers=headers, allow_redirects=allow_redirects,
         ) as resp:
             answer = Response(resp.status, await resp.text(), dict(resp.headers))
         _last_answer.set(answer)

@@ -101,20 +101,20 @@ def close_pools() -> None:
 
 atexit.register(close_pools)
 
-# A pooled connection is checked (a round trip) only when it sat idle for longer than this: one in steady use is
-# known to work, and one that breaks mid-query is discarded by the pool when it comes back in a bad state.
+# A pooled connection is checked (a round trip) only when it was last handed out longer ago than this: one in
+# steady use is known to work, and one that breaks mid-query is discarded by the pool when it comes back in a bad
+# state. (Timed from the checkout, not the return: a `reset` callback would send every return through the pool's
+# worker tasks.)
 CHECK_AFTER_IDLE_S = 5.0
-_returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+_handed_out_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 async def _check_if_idle(conn: psycopg.AsyncConnection[TupleRow]) -> None:
-    returned = _returned_at.get(conn)
-    if returned is None or time.monotonic() - returned > CHECK_AFTER_IDLE_S:
+    now = time.monotonic()
+    last = _handed_out_at.get(conn)
+    if last is None or now - last > CHECK_AFTER_IDLE_S:
         await AsyncConnectionPool.check_connection(conn)
-
-
-async def _note_returned(conn: psycopg.AsyncConnection[TupleRow]) -> None:
-    _returned_at[conn] = time.monotonic()
+    _handed_out_at[conn] = now
 
 
 # An async pool belongs to the event loop it was opened in, so the cache is per loop, then per DSN; a loop
@@ -140,7 +140,6 @@ async def async_pool(settings: Settings) -> AsyncPool:
             min_size=1,
             max_size=settings.db_pool_size,
             check=_check_if_idle,
-            reset=_note_returned,
             name=f"notify-async:{describe(settings)}",
             open=False,
         )

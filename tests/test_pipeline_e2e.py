@@ -103,6 +103,32 @@ def test_garbage_lands_in_quarantine_and_the_next_message_is_processed(pipeline:
     assert pipeline.deliveries(after["notification_id"]) == [("email", "queued", None)]
 
 
+def test_a_batch_with_a_nul_and_a_reused_notification_id_among_good_requests_refuses_only_those_two(
+        pipeline: Pipeline) -> None:
+    good = [pipeline.request(user(), "otp") for _ in range(6)]
+    nul = pipeline.request(user(), "otp", source_service="core\x00banking")
+    reused = pipeline.request(user(), "otp", notification_id=good[0]["notification_id"])  # the id, another key
+    pipeline.produce(good[0])
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(good[0]["notification_id"]), what="the first")
+    pipeline.produce(*good[1:3], nul, reused, *good[3:])  # one producer flush: they reach intake as one batch
+    pipeline.wait_for(lambda: all("queued" in pipeline.statuses(r["notification_id"]) for r in good),
+                      what="every good request queued")
+    pipeline.wait_for(lambda: "invalid" in pipeline.statuses(nul["notification_id"]), what="the NUL refused")
+    (event,) = [e for e in pipeline.events_for(nul["notification_id"]) if e["status"] == "invalid"]
+    assert event["error_message"] == "source_service contains a NUL character"
+    pipeline.wait_for(lambda: any(e["status"] == "invalid" and e["user_id"] == reused["user_id"]
+                                  for e in pipeline.events_for(good[0]["notification_id"])), what="the reuse refused")
+    reused_events = [e for e in pipeline.events_for(good[0]["notification_id"]) if e["user_id"] == reused["user_id"]]
+    assert [e["status"] for e in reused_events] == ["invalid"]
+    assert "notification_id_reused" in (reused_events[0]["error_message"] or "")
+    quarantined = {m.value(): dict(m.headers()) for m in read_topic(pipeline.settings, topics.INVALID, 3)}
+    mine = [headers for value, headers in quarantined.items()
+            if value is not None and (nul["user_id"].encode() in value or reused["user_id"].encode() in value)]
+    assert len(mine) == 2 and all(h[HEADER_REASON] == b"invalid" for h in mine)
+    assert [pipeline.deliveries(r["notification_id"]) for r in good] == [[("sms", "queued", None)]] * 6
+    assert pipeline.deliveries(nul["notification_id"]) == []
+
+
 def test_quiet_hours_defer_a_price_alert_until_the_window_ends_while_an_otp_goes_through(
         pipeline: Pipeline) -> None:
     who = user()

@@ -252,3 +252,15 @@ def test_a_dedup_entry_from_a_clock_ahead_of_ours_still_counts() -> None:
 def test_a_dedup_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         is_duplicate(CREATED, CREATED, timedelta(0))
+
+
+def test_a_nul_character_anywhere_is_a_problem_that_names_the_field() -> None:
+    nul = request(source_service="svc\x00", template_params={"code": "12\x003456", "ok": "fine"},
+                  recipient=recipient(email="ada\x00@example.com"))
+    found = problems(nul)
+    assert "source_service contains a NUL character" in found
+    assert "template_params.code contains a NUL character" in found
+    assert "recipient.email contains a NUL character" in found
+    assert not any("template_params.ok" in problem for problem in found)
+    assert decide(nul, CREATED).outcome == "invalid"
+    assert problems(VALID) == []

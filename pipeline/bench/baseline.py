@@ -46,13 +46,13 @@ import fastavro
 import psycopg
 import redis.asyncio as aioredis
 from aiohttp import web
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from connectors.factory import create_connector
 from pipeline import aio, config, kafka, serde, topics
 from pipeline.bench import load
 from pipeline.bench.load import KafkaLoad, Timeline, TopicClock
-from pipeline.bench.rig import BenchError, stop_group
+from pipeline.bench.rig import BenchDatabase, BenchError, stop_group
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import LANES
 from pipeline.ratelimit import SLIDING_WINDOW_LUA
@@ -233,7 +233,9 @@ async def call_provider(settings: Settings, task: dict[str, Any]) -> tuple[str, 
         form = {"To": task["address"], "From": settings.twilio_from, "Body": body_text,
                 "StatusCallback": f"{settings.webhook_url('twilio')}?{urlencode({'nid': nid})}"}
         async with _session.post(f"{settings.provider_base_url('twilio')}/2010-04-01/Accounts/{sid}/Messages.json",
-                                 data=form, headers={"Authorization": auth}) as resp:
+                                 data=urlencode(form).encode(), headers={
+                                     "Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"},
+                                 ) as resp:
             answer = await resp.json(content_type=None)
         return "twilio", str(answer["sid"]), started, time.perf_counter() - clock
     name, address = parseaddr(settings.email_from)
@@ -312,6 +314,7 @@ async def run_hop(name: str, lane: str) -> None:
     stopping = threading.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     body = BODIES[name]
+    batches = records = 0
     while not stopping.is_set():
         first = await asyncio.to_thread(consumer.poll, 0.5)
         if first is None:
@@ -319,6 +322,7 @@ async def run_hop(name: str, lane: str) -> None:
         messages = [m for m in [first, *consumer.consume(BATCH - 1, 0)] if m.error() is None]
         if not messages:
             continue
+        batches, records = batches + 1, records + len(messages)
         for topic, key, value in await body(hop, messages):
             while True:
                 try:
@@ -327,7 +331,11 @@ async def run_hop(name: str, lane: str) -> None:
                 except BufferError:
                     producer.poll(0.05)
         await asyncio.to_thread(producer.flush, 30)
-        consumer.commit(asynchronous=True)
+        last: dict[tuple[str, int], int] = {}
+        for m in messages:
+            last[(m.topic() or "", m.partition() or 0)] = (m.offset() or 0) + 1
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in last.items()], asynchronous=True)
+    print(f"baseline {name}/{lane}: {records} records in {batches} batches", flush=True)
     consumer.close()
     await conn.close()
 
@@ -403,14 +411,23 @@ async def run_receiver(port: int) -> None:
 
 
 def run(made: Rig, plan: Plan, box: Box) -> Any:
-    """The baseline's burst on topics of its own: the same measures as the pipeline's burst."""
-    from pipeline.bench.procs import usage
-    from pipeline.bench.run import PhaseResult, drain, say
-
+    """The baseline's burst on topics and a fresh database of its own (as the pipeline's was), against the same
+    simulator: the same measures as the pipeline's burst."""
     token = uuid.uuid4().hex[:8]
-    mine = dataclasses.replace(made.settings, topic_prefix=f"base{made.token}.")
-    topics.apply(mine)
-    env = {**made.env, "NOTIFY_TOPIC_PREFIX": mine.topic_prefix}
+    with BenchDatabase(made.settings, token, drop_stale=False) as base_db:
+        mine = dataclasses.replace(base_db, topic_prefix=f"base{made.token}.")
+        topics.apply(mine)
+        try:
+            return _run(made, plan, box, mine, token)
+        finally:
+            kafka.delete_prefixed(mine, groups=True)
+
+
+def _run(made: Rig, plan: Plan, box: Box, mine: Settings, token: str) -> Any:
+    from pipeline.bench.procs import usage
+    from pipeline.bench.run import PhaseResult, drain, pg_delta, pg_stats, say
+
+    env = {**made.env, "NOTIFY_TOPIC_PREFIX": mine.topic_prefix, "DATABASE_URL": mine.dsn}
     log = (made.settings.stack_dir / "bench" / f"baseline-{made.token}.log").open("wb")
     argv = [[sys.executable, "-m", "pipeline.bench.baseline", "--hop", hop, "--lane", lane]
             for lane in LANES for hop in HOPS]
@@ -438,6 +455,7 @@ def run(made: Rig, plan: Plan, box: Box) -> Any:
             time.sleep(0.2)
         time.sleep(1.0)  # the probe's receipt
         accepted_before = made.accepted()
+        pg_before = pg_stats(mine)
         before = box.sample()
         started = time.monotonic()
         first_ms = load.now_ms()
@@ -450,8 +468,11 @@ def run(made: Rig, plan: Plan, box: Box) -> Any:
         say(f"  produced {plan.requests} requests to Kafka in {produce_s:.1f} s")
         result = PhaseResult("baseline", plan.requests, produce_s, timeline, first_ms)
         result.complete, result.peak_rss_kib, after = drain(made, box, plan.requests, accepted_before,
-                                                            [f"t%.{token}"], plan.timeout_s(plan.requests), alive)
+                                                            [f"t%.{token}"], plan.timeout_s(plan.requests), alive,
+                                                            database=mine)
         result.usage = usage(before, after)
+        time.sleep(1.0)
+        result.extra["postgres"] = pg_delta(pg_before, pg_stats(mine))
         with psycopg.connect(mine.dsn) as conn:
             result.states = load.stamp_from_db(conn, {"t": timeline}, token).get("t", {})
         return result
@@ -460,7 +481,6 @@ def run(made: Rig, plan: Plan, box: Box) -> Any:
         for process in processes:
             stop_group(process)
         log.close()
-        kafka.delete_prefixed(mine, groups=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

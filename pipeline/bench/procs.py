@@ -69,7 +69,7 @@ def role_of(argv: list[str], comm: str, own_pid: int, pid: int) -> str:
         return "postgres"
     if comm.startswith("redis"):
         return "redis"
-    return "other"
+    return f"other:{comm}"
 
 
 class Box:
@@ -125,7 +125,8 @@ class Usage:
         """CPU seconds per role family (`worker:intake/critical` -> `worker:intake`)."""
         out: dict[str, float] = defaultdict(float)
         for role, cpu in self.cpu_s.items():
-            out[role.split("/")[0] if role.startswith(("worker", "baseline")) else role] += cpu
+            family = role.split("/")[0] if role.startswith(("worker", "baseline")) else role
+            out["other" if family.startswith("other:") and cpu < 0.01 * self.wall_s else family] += cpu
         return dict(out)
 
 

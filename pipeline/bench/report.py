@@ -118,6 +118,9 @@ def render(results: Mapping[str, Any]) -> str:
                 "recorded; the receipt's when the delivered receipt was applied (it includes the simulated delivery "
                 "delay).", ""]
         out += latency_table(burst)
+        if burst.extra.get("batch_sizes"):
+            out += ["", "Mean records per consumed batch: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(burst.extra["batch_sizes"].items()))]
     backlog = by_name.get("backlog")
     if backlog is not None:
         otps: load.Timeline = backlog.extra["otp_timeline"]
@@ -137,6 +140,14 @@ def render(results: Mapping[str, Any]) -> str:
         out += ["", "## CPU per notification, per process", "",
                 "utime + stime from /proc over each phase (from the first request to the last receipt applied), "
                 "divided by the notifications the provider accepted.", "", *cpu_table(measured)]
+    with_pg = [p for p in (burst, base) if p is not None and p.extra.get("postgres") and p.accepted]
+    if with_pg:
+        out += ["", "## PostgreSQL work per notification", "",
+                "From pg_stat_database of the run's database over each burst.", "",
+                "| counter | " + " | ".join(p.name for p in with_pg) + " |", "|---|" + "---:|" * len(with_pg)]
+        for name in with_pg[0].extra["postgres"]:
+            out.append(f"| {name} | " + " | ".join(f"{p.extra['postgres'][name] / p.accepted:.2f}"
+                                                   for p in with_pg) + " |")
     if burst is not None:
         out += ["", "## Memory", "", *memory_table(burst)]
     return "\n".join(out)

@@ -136,8 +136,9 @@ class BenchDatabase:
     Databases of earlier runs that ended without cleaning up (a killed benchmark) are dropped first, unless a
     process is still connected to them (a run in progress elsewhere)."""
 
-    def __init__(self, settings: Settings, token: str) -> None:
+    def __init__(self, settings: Settings, token: str, *, drop_stale: bool = True) -> None:
         self.settings = settings
+        self.drop_stale = drop_stale
         self.name = f"{BENCH_DB_PREFIX}{token}"
         self.bench_settings = dataclasses.replace(settings, database_url=make_conninfo(settings.dsn, dbname=self.name))
 
@@ -146,7 +147,7 @@ class BenchDatabase:
             stale = [row[0] for row in conn.execute(
                 "SELECT datname FROM pg_database d WHERE datname LIKE %s AND NOT EXISTS "
                 "(SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)", (BENCH_DB_PREFIX + "%",))]
-            for name in stale:
+            for name in stale if self.drop_stale else []:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
         migrate.migrate(self.bench_settings)

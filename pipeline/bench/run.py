@@ -312,6 +312,7 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
     producer = KafkaLoad(made.settings, made.codec)
     client = ApiClient(made.settings.api_port, made.api_key)
     accepted_before = made.accepted()
+    pg_before = pg_stats(made.settings)
     before = box.sample()
     started = time.monotonic()
     first_ms = load.now_ms()
@@ -341,10 +342,38 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
     result.complete, result.peak_rss_kib, after = drain(made, box, n, accepted_before, [f"t%.{made.token}"],
                                                         plan.timeout_s(n))
     result.usage = usage(before, after)
+    time.sleep(1.0)
+    result.extra["postgres"] = pg_delta(pg_before, pg_stats(made.settings))
     with db.connect(made.settings) as conn:
         result.states = load.stamp_from_db(conn, {"t": timeline}, made.token).get("t", {})
     result.extra["via_api"] = via_api
+    result.extra["batch_sizes"] = batch_sizes(made.settings)
     return result
+
+
+def batch_sizes(settings: Settings) -> dict[str, float]:
+    """Mean records per consumed batch of each stage worker so far (from its /metrics)."""
+    import urllib.request
+
+    from pipeline.worker import metrics_port, processes
+
+    sizes: dict[str, float] = {}
+    for stage, lane in processes(("critical", "bulk"), STAGES):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(settings, stage, lane)}/metrics",
+                                        timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith("notify_stage_batch_size_sum{"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("notify_stage_batch_size_count{"):
+                count += float(line.rsplit(" ", 1)[1])
+        if count:
+            sizes[f"{stage}/{lane}"] = total / count
+    return sizes
 
 
 def phase_backlog(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: Box) -> PhaseResult:
@@ -382,6 +411,27 @@ def phase_backlog(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box:
     return result
 
 
+PG_STATS = """
+SELECT xact_commit + xact_rollback, tup_inserted, tup_updated, tup_deleted, tup_fetched, tup_returned, blks_hit,
+       blks_read
+FROM pg_stat_database WHERE datname = current_database()
+"""
+PG_STAT_NAMES = ("transactions", "rows inserted", "rows updated", "rows deleted", "rows fetched", "rows returned",
+                 "blocks hit", "blocks read")
+
+
+def pg_stats(settings: Settings) -> dict[str, int]:
+    """The database's activity counters (PostgreSQL reports them with a delay of up to a second: take them after a
+    pause)."""
+    with db.connect(settings) as conn:
+        row = conn.execute(PG_STATS).fetchone()
+    return dict(zip(PG_STAT_NAMES, (int(v or 0) for v in (row or ())), strict=False))
+
+
+def pg_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {name: after.get(name, 0) - before.get(name, 0) for name in PG_STAT_NAMES}
+
+
 DELIVERED = """
 SELECT count(*) FROM deliveries d JOIN notifications n USING (notification_id)
 WHERE d.state = 'delivered' AND n.user_id LIKE %s
@@ -389,7 +439,8 @@ WHERE d.state = 'delivered' AND n.user_id LIKE %s
 
 
 def drain(made: Rig, box: Box, count: int, accepted_before: int, users: Sequence[str], timeout_s: float,
-          alive: Callable[[], bool] | None = None) -> tuple[bool, dict[str, int], BoxSample]:
+          alive: Callable[[], bool] | None = None, database: Settings | None = None,
+          ) -> tuple[bool, dict[str, int], BoxSample]:
     """Until the simulator accepted `count` more messages and their receipts made the rows of `users` (LIKE
     patterns) `delivered`; a progress bar meanwhile. Whether all got there, the peak memory per role, and the box
     sampled at the end."""
@@ -420,7 +471,7 @@ def drain(made: Rig, box: Box, count: int, accepted_before: int, users: Sequence
             time.sleep(0.5)
     complete = made.accepted() - accepted_before >= count
     while complete and time.monotonic() < deadline and alive():
-        with db.connect(made.settings) as conn:
+        with db.connect(database or made.settings) as conn:
             delivered = 0
             for pattern in patterns:
                 row = conn.execute(DELIVERED, (pattern,)).fetchone()
