@@ -32,6 +32,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -173,8 +174,7 @@ class _Connection(asyncio.Protocol):
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
         self.server.connections.add(self)
         self.h2.initiate_connection()
         self.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})

@@ -420,7 +420,10 @@ def run(made: Rig, plan: Plan, box: Box) -> Any:
         try:
             return _run(made, plan, box, mine, token)
         finally:
+            from pipeline.bench.run import remove_redis_keys
+
             kafka.delete_prefixed(mine, groups=True)
+            remove_redis_keys(mine, token)
 
 
 def _run(made: Rig, plan: Plan, box: Box, mine: Settings, token: str) -> Any:

@@ -28,6 +28,7 @@ import http.client
 import json
 import math
 import os
+import queue
 import threading
 import time
 import uuid
@@ -152,16 +153,22 @@ def rig(settings: Settings, plan: Plan, token: str) -> Iterator[Rig]:
 def cleanup(settings: Settings, token: str) -> None:
     """The run's topics, consumer groups and Redis keys (the database goes with BenchDatabase)."""
     names, groups, _kept = kafka.delete_prefixed(settings, groups=True)
+    removed = remove_redis_keys(settings, token)
+    say(f"removed {len(names)} topics, {len(groups)} consumer groups, {removed} Redis keys and the database of the run")
+
+
+def remove_redis_keys(settings: Settings, token: str) -> int:
+    """The Redis keys a run's users and topic prefix made (rate-limit windows, breakers); how many."""
     client = redis.Redis.from_url(settings.redis_dsn)
     removed = 0
     try:
-        for pattern in (f"*.{token}}}*", f"{settings.topic_prefix}*"):  # rate-limit windows, breakers
-            batch = list(client.scan_iter(match=pattern, count=10_000))
-            for start in range(0, len(batch), 10_000):
-                removed += client.unlink(*batch[start:start + 10_000])
+        for pattern in (f"*.{token}}}*", f"{settings.topic_prefix}*"):
+            found = list(client.scan_iter(match=pattern, count=10_000))
+            for start in range(0, len(found), 10_000):
+                removed += int(client.unlink(*found[start:start + 10_000]))
     finally:
         client.close()
-    say(f"removed {len(names)} topics, {len(groups)} consumer groups, {removed} Redis keys and the database of the run")
+    return removed
 
 
 def wait_ready(made: Rig) -> None:
@@ -191,28 +198,34 @@ class ApiClient:
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.refused = 0
 
-    def post_batches(self, batches: Sequence[list[dict[str, Any]]]) -> threading.Thread:
+    def start_posting(self) -> tuple[queue.Queue[list[dict[str, Any]] | None], threading.Thread]:
+        """A thread posting the batches put on the returned queue (None ends it); the queue is bounded, so the
+        requests in memory stay few however large the run."""
+        batches: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=4 * API_CONCURRENCY)
         thread = threading.Thread(target=lambda: asyncio.run(self._post_all(batches)), daemon=True,
                                   name="bench-api")
         thread.start()
-        return thread
+        return batches, thread
 
-    async def _post_all(self, batches: Sequence[list[dict[str, Any]]]) -> None:
-        gate = asyncio.Semaphore(API_CONCURRENCY)
+    async def _post_all(self, batches: queue.Queue[list[dict[str, Any]] | None]) -> None:
         async with aiohttp.ClientSession(headers=self.headers) as session:
 
             async def post(batch: list[dict[str, Any]]) -> None:
-                async with gate:
-                    body = json.dumps({"notifications": [load.as_json(r) for r in batch]})
-                    for _attempt in range(5):
-                        async with session.post(f"{self.base}/v1/notifications:batch", data=body) as resp:
-                            await resp.read()
-                            if resp.status == 202:
-                                return
-                        await asyncio.sleep(0.5)
-                    self.refused += len(batch)
+                body = json.dumps({"notifications": [load.as_json(r) for r in batch]})
+                for _attempt in range(5):
+                    async with session.post(f"{self.base}/v1/notifications:batch", data=body) as resp:
+                        await resp.read()
+                        if resp.status == 202:
+                            return
+                    await asyncio.sleep(0.5)
+                self.refused += len(batch)
 
-            await asyncio.gather(*(post(batch) for batch in batches))
+            async def poster() -> None:
+                while (batch := await asyncio.to_thread(batches.get)) is not None:
+                    await post(batch)
+                batches.put(None)  # the other posters end too
+
+            await asyncio.gather(*(poster() for _ in range(API_CONCURRENCY)))
 
     def post_one(self, conn: http.client.HTTPConnection, req: Mapping[str, Any]) -> float:
         """POST one request; the time (epoch ms) its 202 arrived."""
@@ -316,7 +329,7 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
     before = box.sample()
     started = time.monotonic()
     first_ms = load.now_ms()
-    batches: list[list[dict[str, Any]]] = []
+    batches, poster = client.start_posting()
     batch: list[dict[str, Any]] = []
     via_api = 0
     for i in range(n):
@@ -326,13 +339,13 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
             batch.append(req)
             via_api += 1
             if len(batch) == API_BATCH:
-                batches.append(batch)
+                batches.put(batch)
                 batch = []
             continue
         producer.send(req)
     if batch:
-        batches.append(batch)
-    poster = client.post_batches(batches)
+        batches.put(batch)
+    batches.put(None)
     unacked = producer.flush()
     poster.join(300)
     produce_s = time.monotonic() - started
