@@ -202,11 +202,13 @@ FROM unnest(%s::uuid[], %s::text[]) AS k(id, channel)
 WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state = 'queued'
 RETURNING d.notification_id::text
 """
+# A receipt may have overtaken the answer (the row is delivered already): it keeps its state and learns its time.
 OUTCOME_SQL = """
-UPDATE deliveries d SET state = 'accepted', provider = k.provider, provider_message_id = k.pid, accepted_at = now(),
-    lease_owner = NULL, lease_expires_at = NULL
+UPDATE deliveries d SET state = CASE WHEN d.state = 'sending' THEN 'accepted' ELSE d.state END,
+    provider = k.provider, provider_message_id = k.pid, accepted_at = now(), lease_owner = NULL,
+    lease_expires_at = NULL
 FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS k(id, channel, provider, pid)
-WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state = 'sending'
+WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ('sending', 'delivered')
 """
 ATTEMPTS_SQL = """
 INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, response_status,
@@ -277,7 +279,7 @@ async def sender(hop: Hop, messages: list[Message]) -> list[Output]:
 RECEIPTS_SQL = """
 UPDATE deliveries d SET state = 'delivered', final_at = now()
 FROM unnest(%s::uuid[], %s::text[]) AS k(id, channel)
-WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state = 'accepted'
+WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ('sending', 'accepted')
 RETURNING d.notification_id::text, d.channel,
           (SELECT n.user_id FROM notifications n WHERE n.notification_id = d.notification_id)
 """
