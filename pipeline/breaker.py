@@ -24,11 +24,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from pipeline import metrics
+from pipeline import metrics, redis_client
 from pipeline.policy.providers import Breaker, BreakerPolicy, BreakerState, breaker_after_call, breaker_state
 
 log = logging.getLogger("notify.breaker")
@@ -56,9 +54,7 @@ class BreakerBoard:
     @classmethod
     def from_url(cls, url: str, policy: BreakerPolicy, *, prefix: str = "",
                  clock: Callable[[], float] = time.time) -> BreakerBoard:
-        client = aioredis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                         socket_connect_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
-                                         health_check_interval=0, decode_responses=True)
+        client = redis_client.async_client(url, socket_timeout_s=SOCKET_TIMEOUT_S, decode_responses=True)
         return cls(client, policy, prefix=prefix, clock=clock)
 
     def _key(self, provider: str, suffix: str = "") -> str:

@@ -44,7 +44,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from pipeline import kafka, metrics, serde, topics
 from pipeline.config import Settings
-from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, Lane, is_e164, is_email, lane_for
+from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, Lane, is_e164, is_email, lane_for, text_flaws
 from pipeline.errors import NotifyError
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
     wrong field. Pure: no I/O. Timestamps are timezone-aware datetimes."""
     now = now or datetime.datetime.now(datetime.UTC)
     problems = [FieldProblem(k, "unknown field") for k in request if k not in REQUEST_FIELDS]
+    problems += [FieldProblem(where, flaw) for where, flaw in text_flaws(request)]
     get = request.get
 
     notification_id = get("notification_id")

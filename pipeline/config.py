@@ -282,6 +282,11 @@ SETTINGS: dict[str, Setting] = {
         "Public base URL of our provider webhook receiver; each provider's receipts go to <base>/<provider> "
         "(twilio, termii, sendgrid, mailgun). Unset: no status callback is requested and the simulator sends "
         "none.", _url),
+    "webhook_max_age_s": Setting(
+        "NOTIFY_WEBHOOK_MAX_AGE_S", "600",
+        "A SendGrid or Mailgun webhook signed longer ago than this (or as far ahead) is refused with 403; accepted "
+        "signatures are remembered in Redis for twice this (Twilio and Termii sign no time: for a day), so a "
+        "replayed request changes nothing.", _positive_float),
     "provider_timeout_s": Setting(
         "NOTIFY_PROVIDER_TIMEOUT_S", "10",
         "Whole-request timeout of a provider call; a timeout after the request left is an ambiguous outcome.",
@@ -410,6 +415,7 @@ class Settings:
     simulator_port: int
     simulator_delivery_delay_ms: int
     webhook_base_url: str | None
+    webhook_max_age_s: float
     provider_timeout_s: float
     provider_connect_timeout_s: float
     provider_max_concurrency: int

@@ -7,7 +7,8 @@ The values match the Avro enums of schemas/ (a test checks they agree).
 from __future__ import annotations
 
 import re
-from typing import Final, Literal
+from collections.abc import Mapping
+from typing import Any, Final, Literal
 
 NotificationType = Literal["otp", "transaction", "security", "price_alert", "portfolio", "marketing"]
 Lane = Literal["critical", "bulk"]
@@ -66,3 +67,36 @@ def is_e164(phone: str) -> bool:
 
 def is_email(address: str) -> bool:
     return len(address) <= 254 and bool(_EMAIL.match(address))
+
+
+def text_flaws(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every string (map keys included, nested records and lists too) that cannot be stored or sent, as
+    (where, "contains ..."): a NUL character (PostgreSQL text cannot hold one, and no provider would deliver one)
+    or a lone surrogate (not Unicode at all: it has no UTF-8 encoding)."""
+    if isinstance(value, str):
+        flaw = _text_flaw(value)
+        return [(where or "value", f"contains {flaw}")] if flaw else []
+    found: list[tuple[str, str]] = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            at = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and (flaw := _text_flaw(key)):
+                found.append((where or "value", f"has a key that contains {flaw}"))
+                at = f"{where}.(key)" if where else "(key)"
+            found += text_flaws(item, at)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found += text_flaws(item, f"{where}[{index}]")
+    return found
+
+
+def _text_flaw(text: str) -> str | None:
+    if "\x00" in text:
+        return "a NUL character"
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a lone surrogate (not valid Unicode)"
+    return None

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from pipeline import redis_client
 from pipeline.domain import Lane
 from pipeline.ratelimit_policy import RatePolicy, Rule, load_policy, rules_for
 
@@ -41,9 +40,7 @@ log = logging.getLogger(__name__)
 
 Outcome = Literal["allowed", "limited", "unavailable"]
 
-SOCKET_TIMEOUT_S: Final[float] = 0.2
-# One reconnect covers a pooled connection that Redis closed (restart, idle timeout); more would only add latency.
-RECONNECT_RETRIES: Final[int] = 1
+SOCKET_TIMEOUT_S: Final[float] = redis_client.SOCKET_TIMEOUT_S
 # Upper bound on one check whatever the socket layer does: connect + one retry, each within the socket timeout.
 CHECK_DEADLINE_S: Final[float] = 0.6
 BATCH_DEADLINE_PER_CHECK_S: Final[float] = 0.002  # a batch's round trip may take longer: Redis runs each script
@@ -132,9 +129,7 @@ class RateLimiter:
     def from_url(cls, url: str, policy: RatePolicy | None = None, *,
                  socket_timeout_s: float = SOCKET_TIMEOUT_S) -> RateLimiter:
         """A limiter with its own client on `url` (e.g. `Settings.redis_dsn`); policy defaults to the policy file."""
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), RECONNECT_RETRIES), health_check_interval=0)
+        client = redis_client.async_client(url, socket_timeout_s=socket_timeout_s)
         return cls(client, policy if policy is not None else load_policy())
 
     @property

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -248,3 +249,69 @@ def topic_records(settings: Settings, logical_topic: str) -> list[Any]:
 
 __all__ = ["STAGES", "Client", "Pipeline", "bearer", "free_port_block", "lane_records", "read_topic", "serving",
            "start_pipeline", "topic_records"]
+
+
+class TcpForwarder:
+    """A loopback TCP forwarder to a real server (PostgreSQL, say), run in a thread of its own: `cut()` drops every
+    connection and refuses new ones, `mend()` forwards again. What a process sees when its database goes away,
+    without stopping the database every other test shares."""
+
+    def __init__(self, target_port: int) -> None:
+        import asyncio
+
+        self._asyncio = asyncio
+        self._target_port = target_port
+        self._loop = asyncio.new_event_loop()
+        self._server: Any = None
+        self._writers: set[Any] = set()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.mend()
+
+    def _call(self, coroutine: Any) -> Any:
+        return self._asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    async def _pipe(self, reader: Any, writer: Any) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _accept(self, reader: Any, writer: Any) -> None:
+        try:
+            upstream_reader, upstream_writer = await self._asyncio.open_connection("127.0.0.1", self._target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, upstream_writer}
+        await self._asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _start(self) -> None:
+        if self._server is None:
+            self._server = await self._asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    def cut(self) -> None:
+        self._call(self._stop())
+
+    def mend(self) -> None:
+        self._call(self._start())
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

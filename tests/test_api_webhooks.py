@@ -218,3 +218,73 @@ async def test_unreachable_kafka_is_503_with_retry_after_so_the_provider_retries
         assert response.status == 503
         assert int(response.headers["Retry-After"]) > 0
         assert "Kafka did not take the receipts" in (await response.json())["error"]
+
+
+THIRTY_DAYS_S = 30 * 86_400
+
+
+@pytest.mark.parametrize("provider", ["sendgrid", "mailgun"])
+async def test_a_receipt_signed_thirty_days_ago_or_ahead_is_403_stale_and_nothing_is_produced(
+        hooks: Settings, provider: str) -> None:
+    message, nid = entry(provider), str(uuid.uuid4())
+    before = counted("notify_webhook_rejected_total", provider=provider, reason="stale")
+    requests = []
+    for signed_at in (time.time() - THIRTY_DAYS_S, time.time() + 3600):
+        if provider == "sendgrid":
+            body, headers = sendgrid.event_webhook(message, {"notification_id": nid}, signed_at)
+        else:
+            body, headers = mailgun.webhook(message, {"notification_id": nid}, hooks.mailgun_webhook_signing_key,
+                                            signed_at)
+        requests.append((f"/webhooks/{provider}", body, headers))
+    async with serving(hooks) as client:
+        for path, body, headers in requests:
+            response = await client.post(path, data=body, headers=headers)
+            assert response.status == 403
+            assert "possible replay" in (await response.json())["error"]
+    assert receipts(hooks) == []
+    assert counted("notify_webhook_rejected_total", provider=provider, reason="stale") == before + 2
+
+
+@pytest.mark.parametrize("provider", webhooks.RECEIPT_PROVIDERS)
+async def test_a_replayed_receipt_is_answered_200_and_changes_nothing(hooks: Settings, provider: str) -> None:
+    pending = EXPECTED[provider][0]
+    path, body, headers = signed(hooks, provider, entry(provider, pending=pending), str(uuid.uuid4()))
+    before = counted("notify_webhook_rejected_total", provider=provider, reason="replay")
+    async with serving(hooks) as client:
+        first = await client.post(path, data=body, headers=headers)
+        again = [await client.post(path, data=body, headers=headers) for _ in range(3)]
+        assert (first.status, await first.json()) == (200, {"accepted": 1})
+        for response in again:
+            assert (response.status, await response.json()) == (200, {"accepted": 0, "replayed": True})
+    assert len(receipts(hooks)) == 1
+    assert counted("notify_webhook_rejected_total", provider=provider, reason="replay") == before + 3
+
+
+async def test_a_captured_mailgun_signature_with_other_event_data_changes_nothing(hooks: Settings) -> None:
+    message, nid = entry("mailgun"), str(uuid.uuid4())
+    path, body, headers = signed(hooks, "mailgun", message, nid)
+    forged = json.loads(body)
+    forged["event-data"]["event"] = "failed"  # delivered -> failed, under the same (timestamp, token, signature)
+    forged["event-data"]["severity"] = "permanent"
+    async with serving(hooks) as client:
+        genuine = await client.post(path, data=body, headers=headers)
+        swapped = await client.post(path, data=json.dumps(forged).encode(), headers=headers)
+        assert (genuine.status, swapped.status) == (200, 200)
+        assert await swapped.json() == {"accepted": 0, "replayed": True}
+    ((_, value),) = receipts(hooks)
+    assert value["status"] == "delivered"
+
+
+async def test_without_redis_a_fresh_signed_receipt_still_goes_through_and_the_skip_is_counted(
+        hooks: Settings) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    no_redis = dataclasses.replace(hooks, redis_url=f"redis://127.0.0.1:{closed}/0")
+    path, body, headers = signed(no_redis, "twilio", entry("twilio"), str(uuid.uuid4()))
+    before = counted("notify_webhook_replay_unchecked_total", provider="twilio")
+    async with serving(no_redis) as client:
+        response = await client.post(path, data=body, headers=headers)
+        assert (response.status, await response.json()) == (200, {"accepted": 1})
+    assert len(receipts(hooks)) == 1
+    assert counted("notify_webhook_replay_unchecked_total", provider="twilio") == before + 1

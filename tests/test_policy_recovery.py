@@ -90,3 +90,16 @@ def test_a_receipt_resolves_an_unknown_delivery_that_has_no_provider_id_yet() ->
 def test_reconciliation_resends_only_what_no_provider_holds(stuck: str, answer: str, channel: str,
                                                             action: str) -> None:
     assert reconcile(stuck, answer, channel).action == action  # type: ignore[arg-type]
+
+
+def test_a_mailgun_receipt_moves_only_the_delivery_holding_its_message_id_others_may_overtake_the_answer() -> None:
+    email = ("sendgrid", "mailgun")
+    sending = DeliveryView("sending", None, None, None)
+    # Mailgun signs no event data: a receipt before we know the message id could be a forgery on a captured token.
+    assert after_receipt(sending, "mailgun", "<m1@mg>", "delivered", email).action == "ignore"
+    assert after_receipt(sending, "mailgun", "<m1@mg>", "failed", email).action == "ignore"
+    held = DeliveryView("accepted", "mailgun", "<m1@mg>", None)
+    assert after_receipt(held, "mailgun", "<m1@mg>", "delivered", email).action == "delivered"
+    assert after_receipt(held, "mailgun", "<other@mg>", "failed", email).action == "ignore"
+    # SendGrid signs the whole body: its receipt may overtake the sender's answer.
+    assert after_receipt(sending, "sendgrid", "sg1", "delivered", email).action == "delivered"

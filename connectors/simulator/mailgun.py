@@ -153,8 +153,10 @@ async def events(request: web.Request) -> web.Response:
                                                           "first": base, "last": base}})
 
 
-def webhook(entry: LedgerEntry, variables: dict[str, str], signing_key: str) -> tuple[bytes, dict[str, str]]:
-    timestamp, token = str(int(time.time())), secrets.token_hex(25)
+def webhook(entry: LedgerEntry, variables: dict[str, str], signing_key: str, signed_at: float | None = None
+            ) -> tuple[bytes, dict[str, str]]:
+    """One event of the message as a signed webhook request; signed now unless `signed_at` says when."""
+    timestamp, token = str(int(time.time() if signed_at is None else signed_at)), secrets.token_hex(25)
     signature = hmac.new(signing_key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
     payload = {"signature": {"timestamp": timestamp, "token": token, "signature": signature},
                "event-data": _event(entry, entry.status(), variables)}

@@ -154,15 +154,17 @@ def _events(entry: LedgerEntry, custom: dict[str, Any]) -> list[dict[str, Any]]:
     return events
 
 
-def event_webhook(entry: LedgerEntry, custom: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+def event_webhook(entry: LedgerEntry, custom: dict[str, Any], signed_at: float | None = None
+                  ) -> tuple[bytes, dict[str, str]]:
     """One message's events as a signed Event Webhook request."""
     body = json.dumps(_events(entry, custom)).encode()
-    return body, sign_events(body)
+    return body, sign_events(body, signed_at)
 
 
-def sign_events(body: bytes) -> dict[str, str]:
-    """The headers of a signed Event Webhook request (ECDSA over timestamp + body), for a batch of events."""
-    timestamp = str(int(time.time()))
+def sign_events(body: bytes, signed_at: float | None = None) -> dict[str, str]:
+    """The headers of a signed Event Webhook request (ECDSA over timestamp + body), for a batch of events; signed
+    now unless `signed_at` says when."""
+    timestamp = str(int(time.time() if signed_at is None else signed_at))
     signature = SIGNING_KEY.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
     return {"Content-Type": "application/json",
                   "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),

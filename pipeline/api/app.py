@@ -97,7 +97,7 @@ def create_app(settings: Settings, *, producer: NotificationProducer | None = No
     on `settings`)."""
     app = web.Application(client_max_size=ingest.MAX_BODY_BYTES, middlewares=[metrics_middleware])
     auth.setup(app, settings, cache_ttl_s=key_cache_ttl_s)
-    ingest.setup(app)
+    ingest.setup(app, settings)
     user_settings.setup(app, settings, outbox)
     webhooks.setup(app, settings)
     app.router.add_get("/health/live", live)

@@ -3,8 +3,10 @@
 A key is verified by comparing sha256(secret) with the stored hash in constant time. Valid keys are cached per
 process for KEY_CACHE_TTL_S (5 s), so the database is asked at most once per key and interval: **a revoked key
 stops working within KEY_CACHE_TTL_S**. Unknown and revoked keys are never cached (a new key works at once), and
-malformed keys are refused without a lookup. When the database cannot answer, already cached keys keep
-working and others get 503 with Retry-After (never a 500, never a false 401).
+malformed keys are refused without a lookup. When the database cannot answer, a key verified in the last
+KEY_STALE_TTL_S (15 min) keeps working (ingest needs Kafka, not PostgreSQL: a revocation made meanwhile cannot
+be read anyway, and takes effect within KEY_CACHE_TTL_S of the database answering again); other keys get 503
+with Retry-After (never a 500, never a false 401).
 """
 
 from __future__ import annotations
@@ -19,17 +21,23 @@ from typing import Final
 import psycopg
 from aiohttp import web
 
+from pipeline import metrics
 from pipeline.api import keys
 from pipeline.config import Settings
 
 log = logging.getLogger(__name__)
 
 KEY_CACHE_TTL_S: Final = 5.0
+KEY_STALE_TTL_S: Final = 900.0
 KEY_CACHE_MAX_ENTRIES: Final = 10_000
 KEY_LOOKUP_TIMEOUT_S: Final = 3.0
 UNAVAILABLE_RETRY_AFTER_S: Final = 5
 # Reachable without a key: liveness, the API description, and the Prometheus scrape.
 DEFAULT_PUBLIC_PATHS: Final = frozenset({"/health/live", "/health/ready", "/openapi.json", "/metrics"})
+
+STALE_KEY_USES = metrics.counter(
+    "notify_api_stale_key_uses_total", "Requests let in on a key verified earlier because the database could "
+    "not be asked (up to KEY_STALE_TTL_S after the last successful check).")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,16 +49,18 @@ class AuthUnavailable(Exception):
 @dataclass(frozen=True)
 class _Cached:
     key: keys.ActiveKey
-    until: float  # monotonic
+    until: float  # monotonic: trusted without a lookup until then
+    stale_until: float  # monotonic: trusted until then when the database cannot answer
 
 
 class KeyVerifier:
     """Checks presented keys against api_keys, with a short positive cache."""
 
     def __init__(self, settings: Settings, *, cache_ttl_s: float = KEY_CACHE_TTL_S,
-                 lookup_timeout_s: float = KEY_LOOKUP_TIMEOUT_S) -> None:
+                 lookup_timeout_s: float = KEY_LOOKUP_TIMEOUT_S, stale_ttl_s: float = KEY_STALE_TTL_S) -> None:
         self._settings = settings
         self._ttl_s = cache_ttl_s
+        self._stale_ttl_s = stale_ttl_s
         self._lookup_timeout_s = lookup_timeout_s
         self._cache: dict[str, _Cached] = {}
 
@@ -68,10 +78,14 @@ class KeyVerifier:
         else:
             try:
                 active = await keys.find_active_key(self._settings, key_id, timeout_s=self._lookup_timeout_s)
-            except (psycopg.Error, TimeoutError) as exc:
-                log.warning("API key lookup failed: %s", exc)
-                raise AuthUnavailable(str(exc)) from exc
-            self._remember(key_id, active, now)
+            except (psycopg.Error, TimeoutError, OSError) as exc:
+                if cached is None or cached.stale_until <= now:
+                    log.warning("API key lookup failed: %s", exc)
+                    raise AuthUnavailable(str(exc)) from exc
+                STALE_KEY_USES.inc()
+                active = cached.key
+            else:
+                self._remember(key_id, active, now)
         if active is None or not hmac.compare_digest(keys.hash_secret(secret), active.key_hash):
             return None
         return active.service
@@ -83,7 +97,7 @@ class KeyVerifier:
         if len(self._cache) >= KEY_CACHE_MAX_ENTRIES:  # drop the oldest entry (dicts keep insertion order)
             self._cache.pop(next(iter(self._cache)))
         self._cache.pop(key_id, None)
-        self._cache[key_id] = _Cached(active, now + self._ttl_s)
+        self._cache[key_id] = _Cached(active, now + self._ttl_s, now + self._stale_ttl_s)
 
 
 VERIFIER = web.AppKey("notify.key_verifier", KeyVerifier)

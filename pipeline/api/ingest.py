@@ -10,35 +10,49 @@ pipeline drops duplicates). A batch is checked whole before anything is produced
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
+import psycopg
 from aiohttp import web
 
-from pipeline import metrics
+from pipeline import db, metrics
 from pipeline.api import auth
 from pipeline.client import FieldProblem, InvalidRequest, NotificationProducer, PreparedNotification, SendOutcome
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES: Final = 1024 * 1024
 MAX_BATCH: Final = 500
+MAX_JSON_DEPTH: Final = 32
 KAFKA_RETRY_AFTER_S: Final = 5
+# The reused-id lookup is a courtesy (intake decides either way): it never holds a request up for long.
+REUSED_ID_LOOKUP_S: Final = 1.0
+OWNERS_OF_IDS: Final = """
+SELECT notification_id::text, user_id, notification_type, idempotency_key FROM notifications
+WHERE notification_id = ANY(%s::uuid[])
+"""
 # RFC 3339 date-time: a time zone offset is required (a naive time would be guessed, and OTP expiry depends on it).
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 _TIMESTAMP_FIELDS: Final = ("created_at", "expires_at")
 
 NOTIFICATIONS = metrics.counter(
     "notify_api_notifications_total", "Notifications received by the ingest API, by lane and outcome "
-    "(accepted, invalid, unavailable).", ["lane", "outcome"])
+    "(accepted, invalid, conflict, unavailable).", ["lane", "outcome"])
 
 
 @dataclass
 class IngestState:
     """What the handlers share; the producer is set when the app starts and cleared when it stops."""
 
+    settings: Settings
     producer: NotificationProducer | None = None
 
 
@@ -64,18 +78,44 @@ def _too_large(actual_size: int | None) -> NoReturn:
                                         text=json.dumps(body), content_type="application/json")
 
 
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` in `value` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def parse_json(raw: bytes) -> Any:
+    """`raw` as JSON; 400 when not well-formed, 422 when nested deeper than MAX_JSON_DEPTH (no request of ours
+    nests more than a few levels, and Python's parser would exhaust its stack near a thousand)."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        value = None
+        json_error(web.HTTPUnprocessableEntity, f"body nests deeper than {MAX_JSON_DEPTH} levels")
+    except (ValueError, UnicodeDecodeError) as exc:
+        json_error(web.HTTPBadRequest, f"body is not well-formed JSON: {exc}")
+    if _depth_over(value, MAX_JSON_DEPTH):
+        json_error(web.HTTPUnprocessableEntity, f"body nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
 async def read_json(request: web.Request) -> Any:
-    """The parsed body; 413 when over MAX_BODY_BYTES, 400 when not well-formed JSON."""
+    """The parsed body; 413 when over MAX_BODY_BYTES, 400 when not well-formed JSON, 422 when nested too deep."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         _too_large(request.content_length)
     try:
         raw = await request.read()  # aiohttp stops reading at the app's client_max_size
     except web.HTTPRequestEntityTooLarge:  # a chunked body without Content-Length
         _too_large(None)
-    try:
-        return json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
-        json_error(web.HTTPBadRequest, f"body is not well-formed JSON: {exc}")
+    return parse_json(raw)
 
 
 def _parse_instant(value: Any, field: str, problems: list[FieldProblem]) -> Any:
@@ -137,10 +177,14 @@ def _count(outcomes: Sequence[SendOutcome]) -> None:
 
 async def post_notification(request: web.Request) -> web.Response:
     producer = _producer(request)
-    prepared, problems = prepare_item(producer, await read_json(request), request[auth.SERVICE])
+    body = await read_json(request)
+    prepared, problems = prepare_item(producer, body, request[auth.SERVICE])
     if prepared is None:
         NOTIFICATIONS.labels("unknown", "invalid").inc()
         json_error(web.HTTPUnprocessableEntity, "invalid notification request", problems)
+    reused = await _reused_ids(request.app[INGEST], _chosen_id(body, prepared, "notification_id"))
+    if reused:
+        _reused_error(reused)
     (outcome,) = await producer.send_prepared([prepared])
     _count([outcome])
     if outcome.error is not None:
@@ -148,6 +192,42 @@ async def post_notification(request: web.Request) -> web.Response:
                     "idempotency_key", headers=_retry_after(), notification_id=outcome.notification_id,
                     retryable=outcome.error.retryable, reason=outcome.error.reason)
     return web.json_response({"notification_id": outcome.notification_id}, status=202)
+
+
+async def _reused_ids(state: IngestState, chosen: Sequence[tuple[str, PreparedNotification]]
+                      ) -> list[FieldProblem]:
+    """Client-chosen notification ids (field name, item) that an earlier request with another (user_id, type,
+    idempotency_key) already holds: intake would refuse them as `notification_id_reused`, so say it now. When
+    PostgreSQL does not answer in time the request goes on and intake decides."""
+    if not chosen:
+        return []
+    ids = [item.notification_id for _, item in chosen]
+    try:
+        async with asyncio.timeout(REUSED_ID_LOOKUP_S):
+            pool = await db.async_pool(state.settings)
+            async with pool.connection() as conn:
+                rows = await (await conn.execute(OWNERS_OF_IDS, (ids,))).fetchall()
+    except (TimeoutError, OSError, psycopg.Error) as exc:
+        log.warning("reused notification id lookup skipped (intake decides): %s", exc)
+        return []
+    owners = {row[0]: (row[1], row[2], row[3]) for row in rows}
+    problems: list[FieldProblem] = []
+    for field, item in chosen:
+        owner = owners.get(item.notification_id)
+        request = item.request
+        if owner is not None and owner != (request["user_id"], request["type"], request["idempotency_key"]):
+            problems.append(FieldProblem(field, "already used by another request (another user_id, type or "
+                                                "idempotency_key); choose a new id or leave it out"))
+    return problems
+
+
+def _chosen_id(item: Any, prepared: PreparedNotification, field: str) -> list[tuple[str, PreparedNotification]]:
+    return [(field, prepared)] if isinstance(item, dict) and item.get("notification_id") is not None else []
+
+
+def _reused_error(problems: Sequence[FieldProblem]) -> NoReturn:
+    NOTIFICATIONS.labels("unknown", "conflict").inc(len(problems))
+    json_error(web.HTTPConflict, "notification id already used", problems)
 
 
 def _duplicates(prepared: Sequence[PreparedNotification]) -> dict[int, FieldProblem]:
@@ -192,6 +272,11 @@ async def post_batch(request: web.Request) -> web.Response:
         json_error(web.HTTPUnprocessableEntity,
                     f"{len(invalid)} of {len(items)} notification(s) invalid; nothing was produced",
                     problems, invalid_items=invalid)
+    reused = await _reused_ids(request.app[INGEST], [
+        chosen for index, (item, ready) in enumerate(zip(items, prepared, strict=True))
+        for chosen in _chosen_id(item, ready, f"notifications[{index}].notification_id")])
+    if reused:
+        _reused_error(reused)
     outcomes = await producer.send_prepared(prepared)
     _count(outcomes)
     failed = [outcome for outcome in outcomes if not outcome.acked]
@@ -206,8 +291,8 @@ async def post_batch(request: web.Request) -> web.Response:
     return web.json_response({"notification_ids": [o.notification_id for o in outcomes]}, status=202)
 
 
-def setup(app: web.Application) -> None:
+def setup(app: web.Application, settings: Settings) -> None:
     """Add the ingest routes; the app's startup sets app[INGEST].producer."""
-    app[INGEST] = IngestState()
+    app[INGEST] = IngestState(settings)
     app.router.add_post("/v1/notifications", post_notification)
     app.router.add_post("/v1/notifications:batch", post_batch)

@@ -30,6 +30,7 @@ from pipeline import db, kafka, metrics, serde, topics
 from pipeline.api.ingest import json_error, read_json
 from pipeline.client import InvalidRequest
 from pipeline.config import Settings
+from pipeline.domain import text_flaws
 from pipeline.policy import user_settings as policy
 from pipeline.stages.runtime import utcnow
 
@@ -164,6 +165,8 @@ def _user_id(request: web.Request) -> str:
     user_id = request.match_info["user_id"]
     if not user_id.strip() or len(user_id) > 256:
         json_error(web.HTTPUnprocessableEntity, "user_id must be 1 to 256 characters")
+    for _, flaw in text_flaws(user_id):
+        json_error(web.HTTPUnprocessableEntity, f"user_id {flaw}")
     return user_id
 
 

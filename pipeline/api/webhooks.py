@@ -8,7 +8,11 @@ is authenticated by the provider's own signature (`Connector.verify_receipt`), c
 plus the request's query string (Twilio signs the full URL, our `?nid=` included); without the setting, against
 the URL the request itself was made to.
 
-403: unsigned, forged, or a body too broken to check. 400: signed, but a receipt we cannot read or encode.
+403: unsigned, forged, or a body too broken to check; a SendGrid or Mailgun request signed more than
+NOTIFY_WEBHOOK_MAX_AGE_S ago (or ahead). A signature seen before (kept in Redis for twice that; Twilio and Termii,
+which sign no time, for a day) is a replay: 200 with accepted 0, nothing produced. Without Redis the replay
+check is skipped (counted): receipts keep flowing, and the receipts stage ignores what changes nothing.
+400: signed, but a receipt we cannot read or encode.
 404: a provider without receipts (fcm, apns). 413: body over MAX_BODY_BYTES. 503 with Retry-After: Kafka did not
 take every receipt (the providers retry on any non-2xx). A request whose events we do not map: 200, accepted 0.
 Each receipt becomes one ProviderReceipt record keyed by our notification id when the receipt carries it,
@@ -18,20 +22,25 @@ otherwise by the provider's message id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
+import redis.asyncio as aioredis
 from aiohttp import web
 from confluent_kafka import KafkaException
+from redis.exceptions import RedisError
 
 from connectors.base import Connector, Receipt
 from connectors.factory import create_connector
-from pipeline import metrics, serde, topics
+from pipeline import metrics, redis_client, serde, topics
 from pipeline.api import auth
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BODY_BYTES, json_error
 from pipeline.client import AckedProducer, ProducerClosed
@@ -49,7 +58,14 @@ _SIGNATURE_HEADERS: Final[Mapping[str, tuple[str, ...]]] = {
 }
 
 REJECTED = metrics.counter("notify_webhook_rejected_total", "Webhook requests refused, by provider and reason "
-                   "(unsigned, bad_signature, unparsable).", ["provider", "reason"])
+                   "(unsigned, bad_signature, stale, unparsable, replay: answered 200, changes nothing).",
+                   ["provider", "reason"])
+REPLAY_UNCHECKED = metrics.counter(
+    "notify_webhook_replay_unchecked_total", "Signed, fresh webhooks let through without the replay check because "
+    "Redis could not be asked (receipts keep flowing; the receipts stage ignores a receipt that changes nothing).",
+    ["provider"])
+# Twilio and Termii sign no time: their signatures are remembered this long.
+UNTIMED_REPLAY_MEMORY_S: Final = 86_400
 RECEIPTS = metrics.counter(
     "notify_webhook_receipts_total", "Receipts Kafka acknowledged, by provider and mapped status.",
                    ["provider", "status"])
@@ -87,6 +103,7 @@ class WebhookState:
     connectors: dict[str, Connector] = field(default_factory=dict)
     producer: AckedProducer | None = None
     codec: serde.AvroSerde | None = None
+    redis: aioredis.Redis | None = None
 
 
 WEBHOOKS = web.AppKey("notify.webhooks", WebhookState)
@@ -106,6 +123,59 @@ def _reject(provider: str, reason: str, message: str, status: type[web.HTTPExcep
             ) -> NoReturn:
     REJECTED.labels(provider, reason).inc()
     json_error(status, message)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What identifies one signed webhook request, and when its provider says it signed it (None: the scheme
+    signs no time)."""
+
+    identity: str
+    signed_at: float | None
+
+
+def signature_of(provider: str, body: bytes, headers: Mapping[str, str]) -> Signature:
+    """The request's signature identity (a digest of what the provider signed with: Mailgun's token, else the
+    signature headers) and its signed time; call after the signature verified. Pure."""
+    if provider == "mailgun":
+        signature = json.loads(body)["signature"]
+        material, stamp = f"{signature['token']}", signature.get("timestamp")
+    else:
+        material = "\n".join(headers.get(name, "") for name in _SIGNATURE_HEADERS[provider])
+        stamp = headers.get("X-Twilio-Email-Event-Webhook-Timestamp") if provider == "sendgrid" else None
+    try:
+        signed_at = None if stamp is None else float(stamp)
+    except (TypeError, ValueError):
+        signed_at = float("nan")  # signed, but not a time: never fresh
+    return Signature(hashlib.sha256(f"{provider}\n{material}".encode()).hexdigest(), signed_at)
+
+
+def is_fresh(signature: Signature, now: float, max_age_s: float) -> bool:
+    """Whether a timed signature is within max_age_s of now (either way: clocks drift); untimed ones always are."""
+    return signature.signed_at is None or abs(now - signature.signed_at) <= max_age_s
+
+
+def replay_key(settings: Settings, signature: Signature) -> str:
+    return f"{settings.topic_prefix}notify:webhook:{signature.identity}"
+
+
+async def _first_use(state: WebhookState, provider: str, signature: Signature) -> bool | None:
+    """Remember the signature; False when it was remembered already (a replay), None when Redis cannot say."""
+    ttl = (UNTIMED_REPLAY_MEMORY_S if signature.signed_at is None
+           else max(1, math.ceil(2 * state.settings.webhook_max_age_s)))
+    try:
+        assert state.redis is not None
+        return bool(await state.redis.set(replay_key(state.settings, signature), b"1", nx=True, ex=ttl))
+    except (RedisError, OSError, AssertionError) as exc:
+        log.warning("%s webhook replay check skipped: %s", provider, exc)
+        REPLAY_UNCHECKED.labels(provider).inc()
+        return None
+
+
+async def _forget(state: WebhookState, signature: Signature) -> None:
+    """Let the provider's retry of a request we could not finish through."""
+    with contextlib.suppress(RedisError, OSError, AttributeError):
+        await state.redis.delete(replay_key(state.settings, signature))  # type: ignore[union-attr]
 
 
 def _signed(provider: str, body: bytes, headers: Mapping[str, str]) -> bool:
@@ -165,23 +235,31 @@ async def receive(request: web.Request) -> web.Response:
     try:
         signed = _signed(provider, body, headers)
         valid = signed and connector.verify_receipt(url, body, headers)
-    except ValueError as exc:  # not JSON, not UTF-8, ...: nothing a provider would sign
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser...: never signed
         _reject(provider, "unparsable", f"cannot read the body to check its signature: {exc}")
     if not signed:
         _reject(provider, "unsigned", f"no {provider} signature")
     if not valid:
         _reject(provider, "bad_signature", f"the {provider} signature does not match {url}")
     received_at = datetime.datetime.now(datetime.UTC)
+    signature = signature_of(provider, body, headers)
+    if not is_fresh(signature, received_at.timestamp(), state.settings.webhook_max_age_s):
+        _reject(provider, "stale", f"signed at {signature.signed_at}, more than "
+                f"{state.settings.webhook_max_age_s:.0f} s from now: refused as a possible replay")
     try:
         receipts = connector.parse_receipt(url, body, headers)
         records = [_record(state.settings, codec, receipt, received_at) for receipt in receipts]
-    except (ValueError, TypeError, AttributeError, KeyError, serde.EncodeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, serde.EncodeError) as exc:
         # Not the body itself in the log: receipts carry phone numbers and addresses.
         log.error("signed %s webhook of %d bytes we cannot read: %s", provider, len(body), exc)
         _reject(provider, "unparsable", f"signed, but not a {provider} receipt we can read: {exc}",
                 web.HTTPBadRequest)
+    if await _first_use(state, provider, signature) is False:
+        REJECTED.labels(provider, "replay").inc()
+        return web.json_response({"accepted": 0, "replayed": True})
     error = await produce_all(producer, records)
     if error is not None:
+        await _forget(state, signature)
         log.warning("%d %s receipt(s) not produced: %s", len(records), provider, error)
         json_error(web.HTTPServiceUnavailable, f"Kafka did not take the receipts: {error}",
                    headers={"Retry-After": str(KAFKA_RETRY_AFTER_S)})
@@ -203,6 +281,7 @@ def setup(app: web.Application, settings: Settings) -> None:
         state.codec = serde.serde(state.settings)
         state.connectors = {p: create_connector(p, state.settings) for p in RECEIPT_PROVIDERS}
         state.producer = AckedProducer(state.settings, delivery_timeout_s=state.delivery_timeout_s)
+        state.redis = redis_client.async_client(state.settings.redis_dsn)
         yield
         owned, state.producer = state.producer, None  # new requests get 503 from here on
         connectors, state.connectors = state.connectors, {}
@@ -211,5 +290,7 @@ def setup(app: web.Application, settings: Settings) -> None:
             log.error("receipts producer closed with %d record(s) unacknowledged", remaining)
         for connector in connectors.values():
             await connector.close()
+        if state.redis is not None:
+            await state.redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)

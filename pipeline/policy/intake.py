@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email
+from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email, text_flaws
 
 MAX_USER_ID_LENGTH: Final = 128
 MAX_IDEMPOTENCY_KEY_LENGTH: Final = 256
@@ -68,25 +68,7 @@ def problems(request: Mapping[str, Any]) -> list[str]:
     found += _recipient_problems(request)
     found += _content_problems(request)
     found += _time_problems(request)
-    found += [f"{where} contains a NUL character" for where in nul_fields(request)]
-    return found
-
-
-def nul_fields(value: Any, where: str = "") -> list[str]:
-    """Where a NUL character hides in `value` (strings, map keys, nested records and lists): PostgreSQL text cannot
-    hold one, and no provider would deliver one."""
-    if isinstance(value, str):
-        return [where or "value"] if "\x00" in value else []
-    found: list[str] = []
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            at = f"{where}.{key}" if where else str(key)
-            if isinstance(key, str) and "\x00" in key:
-                found.append(f"{where or 'value'} (a key)")
-            found += nul_fields(item, at)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            found += nul_fields(item, f"{where}[{index}]")
+    found += [f"{where} {flaw}" for where, flaw in text_flaws(request)]
     return found
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from pipeline.policy.providers import retry_delay_s
 
@@ -75,11 +75,19 @@ def next_provider(order: Sequence[str], failed: str, fallback_from: str | None) 
     return next((p for p in order if p != failed), None)
 
 
+# Mailgun's webhook signature covers a timestamp and a token, not the event: a captured signature could carry any
+# event data, so its receipts only move a delivery whose message id (from Mailgun's own answer) they name.
+EVENT_DATA_UNSIGNED: Final = frozenset({"mailgun"})
+
+
 def after_receipt(row: DeliveryView, provider: str, provider_message_id: str, status: str,
                   order: Sequence[str]) -> ReceiptStep:
     """What a receipt (`status` from `provider` about its message `provider_message_id`) does to the row."""
     if row.state in FINAL_STATES:
         return ReceiptStep("ignore", f"already {row.state}")
+    if provider in EVENT_DATA_UNSIGNED and (row.provider, row.provider_message_id) != (provider, provider_message_id):
+        return ReceiptStep("ignore", f"{provider} signs no event data: only a receipt about the message this delivery "
+                                     "holds may change it")
     if row.provider_message_id is not None and (row.provider, row.provider_message_id) != (provider,
                                                                                         provider_message_id):
         return ReceiptStep("ignore", "stale: about a message that is no longer this delivery's")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from pipeline.client import PLATFORMS, FieldProblem, InvalidRequest
-from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email
+from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email, text_flaws
 from pipeline.policy.quiet_hours import known_timezone, parse_clock_time
 
 DIGESTS: Final = ("none", "daily", "weekly")
@@ -114,7 +114,7 @@ def parse(user_id: str, body: Any, *, version: int, now: datetime.datetime) -> d
     """The UserSettings record for `body`; InvalidRequest naming every wrong field."""
     if not isinstance(body, Mapping):
         raise InvalidRequest([FieldProblem("", "the body must be a JSON object")])
-    problems: list[FieldProblem] = []
+    problems = [FieldProblem(where, flaw) for where, flaw in text_flaws(body)]
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         problems.append(FieldProblem("", f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}"))
