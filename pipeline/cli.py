@@ -192,6 +192,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_invalid(args: argparse.Namespace) -> int:
+    from pipeline import quarantine
+
+    return quarantine.run_invalid_cli(config.settings(), args.action, args.filter, args.position, args.since,
+                                      args.until, args.dry_run, args.json)
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     from pipeline import dlq
 
@@ -342,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="redrive: say what would be redriven, change nothing")
     p.add_argument("--json", action="store_true", help="list: one JSON object per line")
     p.set_defaults(func=_cmd_dlq)
+
+    p = sub.add_parser("invalid", help="the quarantine topic: `list`, `show` entries (headers and decoded payload), "
+                       "`redrive` their original bytes back to the topic they came from (once)")
+    p.add_argument("action", choices=["list", "show", "redrive"])
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="only entries whose KEY is VALUE (reason, stage, source_topic, key); repeatable, all must "
+                   "match")
+    p.add_argument("--since", help="quarantined at or after this ISO 8601 time (no zone: UTC)")
+    p.add_argument("--until", help="quarantined before this ISO 8601 time (no zone: UTC)")
+    p.add_argument("--position", help="one entry, as PARTITION:OFFSET (from `list`)")
+    p.add_argument("--dry-run", action="store_true", help="redrive: say what would be redriven, change nothing")
+    p.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    p.set_defaults(func=_cmd_invalid)
 
     p = sub.add_parser("reconcile", help="resolve deliveries stuck after their send (sending past the lease, "
                        "unknown, accepted without a receipt, overdue retries) by asking the providers; `--once` runs "

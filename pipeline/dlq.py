@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException
 
 from pipeline import db, deliveries, kafka, serde, topics
 from pipeline.config import Settings
@@ -89,36 +89,22 @@ def matches(entry: Entry, filters: Mapping[str, str]) -> bool:
 
 
 def read(settings: Settings) -> list[Entry]:
-    """Every record of the DLQ, oldest first per partition."""
+    """Every record of the DLQ, oldest first."""
     codec = serde.serde(settings)
-    name = settings.topic(topics.DLQ)
-    consumer = kafka.consumer(settings, f"{settings.topic_prefix}notify-dlq-reader", **{"enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(name, timeout=READ_TIMEOUT_S).topics.get(name)
-        if metadata is None or metadata.error is not None:
-            raise DlqError(f"topic {name} is not on the cluster (run `notify topics apply`)")
-        ends = {p: kafka.end_offset(consumer, TopicPartition(name, p)) for p in metadata.partitions}
-        todo = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(name, p, 0) for p in todo])  # from the start of what is kept
-        entries: list[Entry] = []
-        while todo:
-            messages = consumer.consume(500, READ_TIMEOUT_S)
-            if not messages:
-                raise DlqError(f"{name}: no records within {READ_TIMEOUT_S:.0f}s while {sorted(todo)} had more")
-            for message in messages:
-                if message.error() is not None:
-                    continue
-                record = Record.of(message)
-                try:
-                    task = codec.decode(record.value or b"", expected=serde.DELIVERY_TASK).value
-                except Exception:  # listed as is: a DLQ must show what it holds, decodable or not
-                    task = None
-                entries.append(Entry(record.partition, record.offset, record, task))
-                if record.offset + 1 >= ends[record.partition]:
-                    todo.discard(record.partition)
-        return sorted(entries, key=lambda e: (e.record.timestamp_ms, e.partition, e.offset))
-    finally:
-        consumer.close()
+        messages = kafka.read_to_end(settings, settings.topic(topics.DLQ), f"{settings.topic_prefix}notify-dlq-reader",
+                                     READ_TIMEOUT_S)
+    except (KafkaException, TimeoutError) as exc:
+        raise DlqError(str(exc.args[0] if exc.args else exc)) from None
+    entries: list[Entry] = []
+    for message in messages:
+        record = Record.of(message)
+        try:
+            task = codec.decode(record.value or b"", expected=serde.DELIVERY_TASK).value
+        except Exception:  # listed as is: a DLQ must show what it holds, decodable or not
+            task = None
+        entries.append(Entry(record.partition, record.offset, record, task))
+    return sorted(entries, key=lambda e: (e.record.timestamp_ms, e.partition, e.offset))
 
 
 def select(entries: Iterable[Entry], filters: Mapping[str, str], position: str | None = None) -> list[Entry]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
@@ -81,6 +81,34 @@ def end_offset(consumer: Consumer, partition: TopicPartition, timeout_s: float =
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def read_to_end(settings: Settings, topic: str, reader: str, timeout_s: float = 10.0) -> list[Message]:
+    """Every record `topic` (as named on the cluster) keeps, up to its end now, read without committing anything
+    (`reader` names the group, which is never used to commit). KafkaException when the topic is missing,
+    TimeoutError when the broker stops answering before the end."""
+    reading = consumer(settings, reader, **{"enable.auto.commit": False})
+    try:
+        metadata = reading.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise KafkaException(f"topic {topic} is not on the cluster (run `notify topics apply`)")
+        ends = {p: end_offset(reading, TopicPartition(topic, p)) for p in metadata.partitions}
+        todo = {p for p, end in ends.items() if end > 0}
+        reading.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        found: list[Message] = []
+        while todo:
+            messages = reading.consume(500, timeout_s)
+            if not messages:
+                raise TimeoutError(f"{topic}: no records within {timeout_s:.0f}s while {sorted(todo)} had more")
+            for message in messages:
+                if message.error() is not None:
+                    continue
+                found.append(message)
+                if (message.offset() or 0) + 1 >= ends[message.partition() or 0]:
+                    todo.discard(message.partition() or 0)
+        return found
+    finally:
+        reading.close()
 
 
 def delete_prefixed(settings: Settings, *, groups: bool = False) -> tuple[list[str], list[str], list[str]]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from harness import Pipeline, bearer, read_topic, serving, start_pipeline
 
-from pipeline import db, serde, topics
+from pipeline import db, quarantine, serde, topics
 from pipeline.config import Settings
 from pipeline.stages.runtime import HEADER_REASON
 
@@ -208,3 +208,46 @@ def test_when_redis_is_down_otps_keep_flowing_and_bulk_is_held_durably(redisless
         held = conn.execute("SELECT reason, due_at > now() FROM held_messages WHERE notification_id = %s",
                             (alert["notification_id"],)).fetchall()
     assert held == [("rate_limiter_unavailable", True)]
+
+
+def test_a_quarantined_request_redriven_after_the_fix_is_queued_once_and_a_second_redrive_puts_back_nothing(
+        pipeline: Pipeline) -> None:
+    holder = pipeline.request(user(), "otp")
+    pipeline.produce(holder)
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(holder["notification_id"]), what="the holder queued")
+    reused = pipeline.request(user(), "otp", notification_id=holder["notification_id"])  # the id, another request
+    since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    pipeline.produce(reused)
+    key = {"key": reused["user_id"]}
+
+    def mine() -> list[quarantine.Entry]:
+        return quarantine.select(quarantine.read(pipeline.settings), key, since=since)
+
+    pipeline.wait_for(lambda: len(mine()) == 1, what="the reused id quarantined")
+    (entry,) = mine()
+    assert entry.fields == {"reason": "invalid", "stage": "intake", "key": reused["user_id"],
+                            "source_topic": pipeline.settings.topic("requests.critical")}
+    shown = entry.details(serde.serde(pipeline.settings))
+    assert shown["payload"]["record"] == "NotificationRequest"
+    assert shown["payload"]["value"]["user_id"] == reused["user_id"]
+    assert quarantine.select([entry], {"reason": "stage_error"}) == []
+    assert quarantine.select([entry], {}, until=since) == []
+    # Redriving before the fix would only quarantine it again; the fix: the holder was a mistake and is removed.
+    with db.connect(pipeline.settings) as conn, conn.transaction():
+        conn.execute("DELETE FROM notifications WHERE notification_id = %s", (holder["notification_id"],))
+    assert quarantine.redrive(pipeline.settings, [entry], dry_run=True).redriven == [entry.position]
+    first = quarantine.redrive(pipeline.settings, [entry])
+    again = quarantine.redrive(pipeline.settings, [entry])
+    assert (first.redriven, first.skipped) == ([entry.position], [])
+    assert (again.redriven, again.skipped) == ([], [(entry.position, "redriven already")])
+    pipeline.wait_for(lambda: pipeline.deliveries(reused["notification_id"]) == [("sms", "queued", None)],
+                      what="the redriven request queued")
+    with db.connect(pipeline.settings) as conn:
+        row = conn.execute("SELECT user_id FROM notifications WHERE notification_id = %s",
+                           (reused["notification_id"],)).fetchone()
+    assert row == (reused["user_id"],)
+    redriven = [m for m in read_topic(pipeline.settings, "requests.critical", 3)
+                if m.key() == reused["user_id"].encode()]
+    assert len(redriven) == 2  # the original and the one redrive
+    assert dict(redriven[1].headers() or [])[quarantine.HEADER_REDRIVEN].endswith(entry.identity.encode())
+    assert len(mine()) == 1  # not quarantined again

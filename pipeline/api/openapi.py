@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 
 from pipeline.api.auth import KEY_CACHE_TTL_S
-from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES
+from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES, MAX_JSON_DEPTH
 from pipeline.api.webhooks import RECEIPT_PROVIDERS
 from pipeline.client import MAX_ID_LENGTH, PLATFORMS
 from pipeline.domain import CHANNELS, LANE_OF_TYPE, NOTIFICATION_TYPES
@@ -34,6 +34,8 @@ def _json(schema_name: str, description: str, headers: dict[str, Any] | None = N
     return response
 
 
+_NOT_BLANK = r"\S"  # at least one character that is not white space
+
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
                                 "schema": {"type": "integer", "minimum": 1}}}
 
@@ -43,13 +45,20 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": ["idempotency_key", "user_id", "type"],
         "description": "Mirrors the Avro NotificationRequest (schemas/NotificationRequest.avsc). Give exactly "
-                       "one of template_id and content.",
+                       "one of template_id and content. expires_at must be later than created_at and than now. "
+                       "No string may hold a NUL character or a lone surrogate; objects nest at most "
+                       f"{MAX_JSON_DEPTH} levels.",
+        "oneOf": [{"required": ["template_id"], "properties": {"template_id": {"type": "string"}}},
+                  {"required": ["content"], "properties": {"content": {"type": "object"}}}],
         "properties": {
-            "notification_id": _text("UUID of this notification; generated when absent.", format="uuid"),
+            "notification_id": {"type": ["string", "null"], "format": "uuid",
+                                "description": "UUID of this notification; generated when absent. One another "
+                                               "request already holds is refused with 409."},
             "idempotency_key": _text("A second request with the same user_id, type and idempotency_key is a "
                                      "duplicate and is never sent again: reuse it when retrying.",
-                                     minLength=1, maxLength=MAX_ID_LENGTH),
-            "user_id": _text("The user to notify (the Kafka key).", minLength=1, maxLength=MAX_ID_LENGTH),
+                                     minLength=1, maxLength=MAX_ID_LENGTH, pattern=_NOT_BLANK),
+            "user_id": _text("The user to notify (the Kafka key).", minLength=1, maxLength=MAX_ID_LENGTH,
+                             pattern=_NOT_BLANK),
             "type": {"type": "string", "enum": list(NOTIFICATION_TYPES),
                      "description": "Decides the lane: " + ", ".join(f"{t} -> {lane}"
                                                                    for t, lane in LANE_OF_TYPE.items())},
@@ -59,12 +68,15 @@ _SCHEMAS: dict[str, Any] = {
             "template_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
             "template_params": {"type": "object", "additionalProperties": {"type": "string"}},
             "content": {"oneOf": [_ref("Content"), {"type": "null"}]},
-            "locale": _text("BCP 47 language tag.", default="en", examples=["en-NG"]),
+            "locale": {"type": ["string", "null"], "description": "BCP 47 language tag; en when absent.",
+                       "default": "en", "examples": ["en-NG"], "minLength": 1, "maxLength": 35,
+                       "pattern": _NOT_BLANK},
             "created_at": _text("RFC 3339 with offset; now when absent.", format="date-time"),
             "expires_at": {"type": ["string", "null"], "format": "date-time",
                            "description": "RFC 3339 with offset; after it the notification is never sent."},
-            "source_service": _text("Producing service; defaults to the API key's service.",
-                                    maxLength=MAX_ID_LENGTH),
+            "source_service": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ID_LENGTH,
+                               "pattern": _NOT_BLANK,
+                               "description": "Producing service; defaults to the API key's service."},
             "correlation_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
         },
     },
@@ -106,7 +118,9 @@ _SCHEMAS: dict[str, Any] = {
     "WebhookAccepted": {"type": "object", "required": ["accepted"],
                         "properties": {"accepted": {"type": "integer", "minimum": 0, "description":
                                                     "Receipts produced to the receipts topic (0: events we do not "
-                                                    "map)."}}},
+                                                    "map, or a replay)."},
+                                       "replayed": {"type": "boolean", "description": "The same signed request "
+                                                    "came before: nothing was produced again."}}},
     "FieldProblem": {"type": "object", "required": ["field", "problem"],
                      "properties": {"field": _text("e.g. recipient.phone or notifications[2].type"),
                                     "problem": _text("What is wrong, e.g. not E.164.")}},
@@ -140,21 +154,14 @@ _SCHEMAS: dict[str, Any] = {
                     "opted_in_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}},
                     "opted_out_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}}}},
                 "description": "Per notification type: channel opt-outs (a marketing opt-out never blocks an OTP)."},
-            "quiet_hours": {"oneOf": [{"type": "null"}, {
+            "quiet_hours": {"description": "Local window without non-critical notifications; start and end "
+                                           "must differ (null: none).", "oneOf": [{"type": "null"}, {
                 "type": "object", "required": ["start", "end"], "additionalProperties": False,
                 "properties": {"start": _text("HH:MM local", pattern="^[0-2][0-9]:[0-5][0-9]$"),
                                "end": _text("HH:MM local, exclusive", pattern="^[0-2][0-9]:[0-5][0-9]$")}}]},
             "digest": {"type": "string", "enum": ["none", "daily", "weekly"], "default": "none"},
             "contacts": _ref("Recipient"),
         },
-    },
-    "UserSettings": {
-        "allOf": [_ref("UserSettingsWrite"), {
-            "type": "object", "required": ["user_id", "version", "updated_at"],
-            "properties": {"user_id": {"type": "string"}, "version": {"type": "integer"},
-                           "updated_at": {"type": "string", "format": "date-time"},
-                           "published": {"type": "boolean", "description": "PUT only: already on the "
-                                         "user-settings topic (otherwise the outbox relay publishes it shortly)."}}}],
     },
     "BatchItemResult": {
         "type": "object",
@@ -165,11 +172,27 @@ _SCHEMAS: dict[str, Any] = {
     },
 }
 
+# What GET and PUT answer: the written fields (defaults filled) and what the API adds. One flat object: an allOf
+# over UserSettingsWrite's additionalProperties: false could never be satisfied by a response with user_id in it.
+_SCHEMAS["UserSettings"] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["user_id", "version", "updated_at"],
+    "properties": {
+        **_SCHEMAS["UserSettingsWrite"]["properties"],
+        "user_id": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "published": {"type": "boolean", "description": "PUT only: already on the user-settings topic "
+                                                        "(otherwise the outbox relay publishes it shortly)."},
+    },
+}
+
 _COMMON_ERRORS: dict[str, Any] = {
     "400": _json("Error", "The body is not well-formed JSON."),
     "401": _json("Error", "Missing, unknown, malformed or revoked API key."),
     "413": _json("Error", f"The body is larger than {MAX_BODY_BYTES} bytes."),
-    "422": _json("Error", "Well-formed JSON that is not a valid request; `details` names every wrong field."),
+    "422": _json("Error", "Well-formed JSON that is not a valid request (`details` names every wrong field), "
+                          f"or nested deeper than {MAX_JSON_DEPTH} levels."),
 }
 
 
@@ -182,6 +205,8 @@ def _post(summary: str, description: str, body: str, accepted: str, unavailable:
         "responses": {
             "202": _json(accepted, "Kafka acknowledged (acks=all): the pipeline holds the request."),
             **_COMMON_ERRORS,
+            "409": _json("Error", "A client-chosen notification_id that another request (another user_id, type or "
+                                  "idempotency_key) already holds; `details` names it. Nothing was produced."),
             "503": _json("Error", unavailable, _RETRY_AFTER),
         },
     }
@@ -244,9 +269,11 @@ def openapi_document() -> dict[str, Any]:
                         "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
                         "application/json": {"schema": {}}}},
                     "responses": {
-                        "200": _json("WebhookAccepted", "Kafka acknowledged every receipt (acks=all)."),
+                        "200": _json("WebhookAccepted", "Kafka acknowledged every receipt (acks=all), or the "
+                                     "request is a replay of one already taken (`replayed`: nothing produced)."),
                         "400": _json("Error", "Signed, but not a receipt we can read."),
-                        "403": _json("Error", "Unsigned, forged, or a body too broken to check."),
+                        "403": _json("Error", "Unsigned, forged, a body too broken to check, or (SendGrid, "
+                                              "Mailgun) signed more than NOTIFY_WEBHOOK_MAX_AGE_S from now."),
                         "404": _json("Error", "A provider without delivery receipts (fcm, apns)."),
                         "413": _COMMON_ERRORS["413"],
                         "503": _json("Error", "Kafka did not take the receipts: the provider retries.",

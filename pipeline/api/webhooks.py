@@ -160,12 +160,18 @@ def replay_key(settings: Settings, signature: Signature) -> str:
 
 
 async def _first_use(state: WebhookState, provider: str, signature: Signature) -> bool | None:
-    """Remember the signature; False when it was remembered already (a replay), None when Redis cannot say."""
+    """Remember the signature; False when it was remembered already (a replay), None when Redis cannot say.
+
+    The value is this request's own token: when a SET that Redis did apply times out and the client re-sends it,
+    the second SET finds the key, and the token says it is ours, not a replay."""
     ttl = (UNTIMED_REPLAY_MEMORY_S if signature.signed_at is None
            else max(1, math.ceil(2 * state.settings.webhook_max_age_s)))
+    key, token = replay_key(state.settings, signature), uuid.uuid4().bytes
     try:
         assert state.redis is not None
-        return bool(await state.redis.set(replay_key(state.settings, signature), b"1", nx=True, ex=ttl))
+        if await state.redis.set(key, token, nx=True, ex=ttl):
+            return True
+        return bool(await state.redis.get(key) == token)
     except (RedisError, OSError, AssertionError) as exc:
         log.warning("%s webhook replay check skipped: %s", provider, exc)
         REPLAY_UNCHECKED.labels(provider).inc()

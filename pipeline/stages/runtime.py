@@ -76,6 +76,7 @@ EVENTS = metrics.counter(
 HEADER_REASON = "notify-reason"
 HEADER_DETAIL = "notify-detail"
 HEADER_SOURCE = "notify-source"  # topic/partition/offset the quarantined bytes came from
+HEADER_STAGE = "notify-stage"  # the stage that quarantined them
 HEADER_RELEASED = "notify-released"  # a held message coming back; its hold is not applied again
 
 BATCH_SIZE = 500
@@ -296,7 +297,7 @@ class StageContext:
             HEADER_REASON: reason.encode(),
             HEADER_DETAIL: detail[:2000].encode(errors="replace"),
             HEADER_SOURCE: record.source.encode(),
-            "notify-stage": self.stage.encode(),
+            HEADER_STAGE: self.stage.encode(),
         }
         self.send(topics.INVALID, record.key, record.value, headers)
         self._quarantined(reason).inc()
