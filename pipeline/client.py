@@ -170,7 +170,7 @@ def _recipient(value: Any, problems: list[FieldProblem]) -> dict[str, Any]:
             problems.append(FieldProblem(f"{at}.platform", f"must be one of {', '.join(PLATFORMS)}"))
         _text(token.get("token"), f"{at}.token", problems, required=True, max_length=4096)
     return {"phone": phone, "email": email,
-            "device_tokens": [dict(t) for t in tokens] if isinstance(tokens, list) else []}
+            "device_tokens": [dict(t) for t in tokens if isinstance(t, Mapping)] if isinstance(tokens, list) else []}
 
 
 def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | None = None) -> dict[str, Any]:

@@ -62,16 +62,18 @@ _SCHEMAS: dict[str, Any] = {
             "type": {"type": "string", "enum": list(NOTIFICATION_TYPES),
                      "description": "Decides the lane: " + ", ".join(f"{t} -> {lane}"
                                                                    for t, lane in LANE_OF_TYPE.items())},
-            "channels": {"type": "array", "uniqueItems": True, "items": {"type": "string", "enum": list(CHANNELS)},
+            "channels": {"type": ["array", "null"], "uniqueItems": True,
+                         "items": {"type": "string", "enum": list(CHANNELS)},
                          "description": "Channels to send on; empty or absent: chosen by the user's preference."},
-            "recipient": _ref("Recipient"),
+            "recipient": {"oneOf": [_ref("Recipient"), {"type": "null"}]},
             "template_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
-            "template_params": {"type": "object", "additionalProperties": {"type": "string"}},
+            "template_params": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
             "content": {"oneOf": [_ref("Content"), {"type": "null"}]},
             "locale": {"type": ["string", "null"], "description": "BCP 47 language tag; en when absent.",
                        "default": "en", "examples": ["en-NG"], "minLength": 1, "maxLength": 35,
                        "pattern": _NOT_BLANK},
-            "created_at": _text("RFC 3339 with offset; now when absent.", format="date-time"),
+            "created_at": {"type": ["string", "null"], "format": "date-time",
+                           "description": "RFC 3339 with offset; now when absent."},
             "expires_at": {"type": ["string", "null"], "format": "date-time",
                            "description": "RFC 3339 with offset; after it the notification is never sent."},
             "source_service": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ID_LENGTH,
@@ -87,7 +89,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "phone": {"type": ["string", "null"], "pattern": r"^\+[1-9]\d{6,14}$", "description": "E.164."},
             "email": {"type": ["string", "null"], "format": "email"},
-            "device_tokens": {"type": "array", "items": _ref("DeviceToken")},
+            "device_tokens": {"type": ["array", "null"], "items": _ref("DeviceToken"),
+                              "description": "null or absent: none."},
         },
     },
     "DeviceToken": {
@@ -242,7 +245,9 @@ def openapi_document() -> dict[str, Any]:
                         "security": [{"bearerKey": []}, {"headerKey": []}],
                         "responses": {"200": _json("UserSettings", "The settings; ETag is the version."),
                                       "401": _COMMON_ERRORS["401"],
-                                      "404": _json("Error", "No settings stored: defaults apply.")}},
+                                      "404": _json("Error", "No settings stored: defaults apply."),
+                                      "422": _json("Error", "user_id is blank, longer than 256 characters, or "
+                                                            "holds a NUL or a lone surrogate.")}},
                 "put": {"operationId": "putUserSettings", "summary": "Replace a user's notification settings",
                         "description": "Stored in PostgreSQL and published to the user-settings topic through a "
                                        "transactional outbox; the preferences stage follows within seconds. "

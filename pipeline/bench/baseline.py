@@ -277,8 +277,9 @@ async def sender(hop: Hop, messages: list[Message]) -> list[Output]:
 
 
 RECEIPTS_SQL = """
-UPDATE deliveries d SET state = 'delivered', final_at = now()
-FROM unnest(%s::uuid[], %s::text[]) AS k(id, channel)
+UPDATE deliveries d SET state = 'delivered', final_at = now(), provider = k.provider,
+    provider_message_id = COALESCE(d.provider_message_id, k.pid)
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS k(id, channel, provider, pid)
 WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ('sending', 'accepted')
 RETURNING d.notification_id::text, d.channel,
           (SELECT n.user_id FROM notifications n WHERE n.notification_id = d.notification_id)
@@ -290,7 +291,8 @@ async def receipts(hop: Hop, messages: list[Message]) -> list[Output]:
     final = [r for r in found if r["status"] == "delivered" and r.get("notification_id")]
     async with hop.conn.cursor() as cur:
         await cur.execute(RECEIPTS_SQL, ([r["notification_id"] for r in final],
-                                         ["sms" if r["provider"] == "twilio" else "email" for r in final]))
+                                         ["sms" if r["provider"] == "twilio" else "email" for r in final],
+                                         [r["provider"] for r in final], [r["provider_message_id"] for r in final]))
         moved = await cur.fetchall()
     await hop.conn.commit()
     return [hop.event({"notification_id": nid, "user_id": user, "type": "otp"}, "delivered", "receipts", channel)
@@ -475,6 +477,8 @@ def _run(made: Rig, plan: Plan, box: Box, mine: Settings, token: str) -> Any:
         result.complete, result.peak_rss_kib, after = drain(made, box, plan.requests, accepted_before,
                                                             [f"t%.{token}"], plan.timeout_s(plan.requests), alive,
                                                             database=mine)
+        if not alive():
+            raise BenchError(f"a process of the baseline chain died mid-run; see {log.name}")
         result.usage = usage(before, after)
         time.sleep(1.0)
         result.extra["postgres"] = pg_delta(pg_before, pg_stats(mine))

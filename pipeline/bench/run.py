@@ -549,4 +549,5 @@ def run_bench(settings: Settings, plan: Plan) -> int:
     say(f"\nreport: {written}")
     expected = sum(p.requests for p in phases) + (plan.otps if not plan.skip_backlog and plan.backlog else 0) + 2
     exact = summary.get("count") == expected and summary.get("repeated_count") == 0
-    return 0 if exact and all(p.complete for p in phases) else 1
+    baseline_complete = "baseline" not in results or results["baseline"].complete
+    return 0 if exact and baseline_complete and all(p.complete for p in phases) else 1

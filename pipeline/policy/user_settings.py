@@ -87,7 +87,8 @@ def _contacts(value: Any, problems: list[FieldProblem]) -> dict[str, Any]:
     extra = set(value) - set(contacts)
     if extra:
         problems.append(FieldProblem("contacts", f"unknown field(s) {', '.join(sorted(extra))}"))
-    phone, email, tokens = value.get("phone"), value.get("email"), value.get("device_tokens") or []
+    phone, email, tokens = value.get("phone"), value.get("email"), value.get("device_tokens")
+    tokens = [] if tokens is None else tokens  # an empty object is not an empty list
     if phone is not None and not (isinstance(phone, str) and is_e164(phone)):
         problems.append(FieldProblem("contacts.phone", "must be an E.164 number, e.g. +2348012345678"))
     else:
