@@ -44,8 +44,19 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from pipeline import kafka, metrics, serde, topics
 from pipeline.config import Settings
-from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, Lane, is_e164, is_email, lane_for, text_flaws
+from pipeline.domain import (
+    CHANNELS,
+    MAX_ID_LENGTH,
+    MAX_USER_ID_LENGTH,
+    NOTIFICATION_TYPES,
+    Lane,
+    is_e164,
+    is_email,
+    lane_for,
+    text_flaws,
+)
 from pipeline.errors import NotifyError
+from pipeline.policy import templates
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,6 @@ DELIVERY_TIMEOUT_S: Final = 10.0
 ACK_GRACE_S: Final = 5.0
 FLUSH_TIMEOUT_S: Final = 15.0
 POLL_INTERVAL_S: Final = 0.1
-MAX_ID_LENGTH: Final = 256
 PLATFORMS: Final = ("android", "ios", "web")
 REQUEST_FIELDS: Final = frozenset({
     "notification_id", "idempotency_key", "user_id", "type", "channels", "recipient", "template_id",
@@ -191,8 +201,9 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
             notification_id = str(uuid.UUID(notification_id))
         except (TypeError, ValueError, AttributeError):
             problems.append(FieldProblem("notification_id", "not a UUID"))
-    for field in ("idempotency_key", "user_id", "source_service"):
-        _text(get(field), field, problems, required=True, max_length=MAX_ID_LENGTH)
+    for field, longest in (("idempotency_key", MAX_ID_LENGTH), ("user_id", MAX_USER_ID_LENGTH),
+                           ("source_service", MAX_ID_LENGTH)):
+        _text(get(field), field, problems, required=True, max_length=longest)
     for field in ("template_id", "correlation_id"):
         _text(get(field), field, problems, required=False, max_length=MAX_ID_LENGTH)
     locale = "en" if get("locale") is None else get("locale")
@@ -230,6 +241,19 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
             content = {"subject": content.get("subject"), "body": content.get("body")}
     if (get("template_id") is None) == (content is None):
         problems.append(FieldProblem("template_id", "give exactly one of template_id and content"))
+    elif content is None and isinstance(get("template_id"), str) and isinstance(locale, str):
+        try:  # a template the sender could not render is refused now, not failed after a 202
+            templates.check(get("template_id"), locale, params)
+        except templates.TemplateError as error:
+            field = "template_id" if error.code == "unknown_template" else "template_params"
+            problems.append(FieldProblem(field, str(error)))
+    if not problems and (not channels or "sms" in channels):  # SMS asked for, or possible by preference
+        body = templates.render({"content": content, "template_id": get("template_id"), "locale": locale,
+                                 "template_params": params}).body
+        if (length := templates.sms_length(body)) > templates.MAX_SMS_CHARS:
+            problems.append(FieldProblem("content.body" if content is not None else "template_params",
+                                         f"the SMS would be {length} characters; SMS providers take at most "
+                                         f"{templates.MAX_SMS_CHARS}"))
 
     created_at = get("created_at")
     if created_at is None:

@@ -18,6 +18,9 @@ NOTIFICATION_TYPES: Final[tuple[NotificationType, ...]] = (
     "otp", "transaction", "security", "price_alert", "portfolio", "marketing")
 LANES: Final[tuple[Lane, ...]] = ("critical", "bulk")
 CHANNELS: Final[tuple[Channel, ...]] = ("sms", "email", "push")
+# One limit for every way in (API, client, intake, settings): a user id is the Kafka key and a table key.
+MAX_USER_ID_LENGTH: Final = 128
+MAX_ID_LENGTH: Final = 256  # idempotency keys, template ids, source services, correlation ids
 # Worker stages, per lane except receipts and reconcile, which serve both lanes once (runtime.LANE_FREE_STAGES).
 STAGES: Final[tuple[str, ...]] = ("intake", "preferences", "routing", "sender", "retry", "receipts", "reconcile")
 

@@ -14,14 +14,14 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from harness import TopicReader
+from harness import TopicReader, read_topic
 
 from pipeline import config, db, kafka, serde, topics
 from pipeline.bench.rig import Workers, free_port_block
-from pipeline.bench.sender_rig import SimulatorProcess, produce, seed, wait_states
+from pipeline.bench.sender_rig import SimulatorProcess, produce, seed, states, wait_states
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import CRITICAL_TYPES
 from pipeline.reconcile import reconcile_once
@@ -44,6 +44,7 @@ class LoopRig:
     events: TopicReader
     stages: Sequence[str] = LOOP_STAGES
     exporter: bool = False
+    api_url: str = ""
 
     # ------------------------------------------------------------------ driving
     def run(self, tasks: Sequence[dict[str, Any]]) -> list[str]:
@@ -97,10 +98,13 @@ class LoopRig:
         mine = set(ids)
         return [e for e in self.sim.ledger() if e["notification_id"] in mine]
 
-    def statuses(self, nid: str) -> list[str]:
+    def events_of(self, nid: str) -> list[dict[str, Any]]:
         codec = serde.AvroSerde()
         decoded = (codec.decode(m.value(), expected=serde.DELIVERY_EVENT).value for m in self.events.snapshot())
-        return [e["status"] for e in decoded if str(e["notification_id"]) == nid]
+        return [e for e in decoded if str(e["notification_id"]) == nid]
+
+    def statuses(self, nid: str) -> list[str]:
+        return [e["status"] for e in self.events_of(nid)]
 
     def worker_metric(self, stage: str, lane: str, line_start: str) -> float:
         from pipeline.worker import metrics_port
@@ -139,6 +143,43 @@ def produce_requests(settings: Settings, batch: Sequence[dict[str, Any]]) -> lis
     return [r["notification_id"] for r in batch]
 
 
+def wait_until(what: str, done: Callable[[], bool], timeout_s: float) -> float:
+    """Seconds until `done()` held."""
+    started = time.monotonic()
+    while not done():
+        assert time.monotonic() - started < timeout_s, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def delivered(rig: LoopRig, ids: Sequence[str]) -> int:
+    return sum(1 for state in states(rig.settings, ids).values() if state == "delivered")
+
+
+def final_events(rig: LoopRig, ids: Sequence[str]) -> collections.Counter[tuple[str, str]]:
+    codec = serde.AvroSerde()
+    finals: collections.Counter[tuple[str, str]] = collections.Counter()
+    mine = set(ids)
+    for message in rig.events.snapshot():
+        event = codec.decode(message.value(), expected=serde.DELIVERY_EVENT).value
+        if str(event["notification_id"]) in mine and event["status"] in ("delivered", "failed", "dead_lettered"):
+            finals[str(event["notification_id"]), event["status"]] += 1
+    return finals
+
+
+def assert_each_once(rig: LoopRig, ids: Sequence[str]) -> None:
+    """Ledger, rows and final events agree: each notification sent once, delivered, ended once; none quarantined."""
+    sent = collections.Counter(e["notification_id"] for e in rig.ledger_of(ids))
+    assert set(sent) == set(ids) and set(sent.values()) == {1}, sent.most_common(3)
+    assert collections.Counter(states(rig.settings, ids).values()) == {"delivered": len(ids)}
+    expected = {(nid, "delivered"): 1 for nid in ids}
+    deadline = time.monotonic() + 30  # the events reader follows the topic a little behind
+    while (finals := final_events(rig, ids)) != expected and time.monotonic() < deadline:
+        time.sleep(1)
+    assert finals == expected
+    assert read_topic(rig.settings, topics.INVALID, 2) == []
+
+
 def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGES,
                env: dict[str, str] | None = None, exporter: bool = False) -> Iterator[LoopRig]:
     prefix = f"{name}{uuid.uuid4().hex[:8]}."
@@ -155,7 +196,8 @@ def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGE
                                 "NOTIFY_METRICS_PORT": str(free_port_block(1))},
                            cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
     workers = Workers.start(mine, stages=stages, env=env, exporter=exporter)
-    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages, exporter)
+    rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages, exporter,
+                  f"http://127.0.0.1:{api_port}")
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -11,10 +11,15 @@ from typing import Any
 
 import pytest
 from harness import lane_records
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from pipeline import serde
 from pipeline.client import InvalidRequest, NotificationProducer, ProduceError, normalize_request
 from pipeline.config import Settings
+from pipeline.domain import MAX_USER_ID_LENGTH
+from pipeline.policy import intake, templates
 
 
 @pytest.fixture
@@ -39,7 +44,8 @@ async def test_send_returns_the_id_once_the_broker_holds_the_request_keyed_by_us
         otp_id = await producer.send(otp(f"user-{unique}"))
         # Counted right after send returned: the acknowledgement came first.
         critical = lane_records(applied, "critical")
-        marketing_id = await producer.send(otp(f"fan-{unique}", type="marketing", channels=[], template_id="promo"))
+        marketing_id = await producer.send(otp(f"fan-{unique}", type="marketing", channels=[],
+                                                      template_id="marketing.default"))
     bulk = lane_records(applied, "bulk")
     assert len(critical) == 1 and len(bulk) == 1
     codec = serde.AvroSerde()
@@ -159,3 +165,66 @@ def test_a_request_needs_exactly_one_of_template_and_content_and_a_future_expiry
     old = now - datetime.timedelta(hours=1)
     assert problems_of(otp("u", created_at=old, expires_at=old + datetime.timedelta(minutes=5))) == {
         "expires_at": "already passed: the notification would never be sent"}
+
+
+def test_a_template_the_sender_could_not_render_is_refused_before_anything_is_produced() -> None:
+    known = ", ".join(sorted(templates.CATALOGUE))
+    assert problems_of(otp("u", template_id="promo.nov")) == {
+        "template_id": f"no template 'promo.nov'; known: {known}"}
+    assert problems_of(otp("u", template_params={})) == {"template_params": "template 'otp.login' needs code"}
+    assert problems_of(otp("u", template_id="transaction.debit", template_params={"amount": "5"})) == {
+        "template_params": "template 'transaction.debit' needs account, currency, merchant"}
+    # a locale without its own text falls back to English, whose placeholders count
+    assert normalize_request(otp("u", locale="yo-NG"))["locale"] == "yo-NG"
+    assert normalize_request(otp("u", locale="fr-FR", template_params={"code": "1"}))["locale"] == "fr-FR"
+
+
+def test_an_sms_longer_than_the_providers_take_is_refused_when_sms_may_carry_it() -> None:
+    long_code = {"code": "0" * 1600}
+    assert problems_of(otp("u", template_params=long_code)) == {
+        "template_params": "the SMS would be 1661 characters; SMS providers take at most 1600"}
+    assert problems_of(otp("u", channels=[], content={"body": "\U0001f984" * 801}, template_id=None)) == {
+        "content.body": "the SMS would be 1602 characters; SMS providers take at most 1600"}
+    assert normalize_request(otp("u", channels=["email"], template_params=long_code))["channels"] == ["email"]
+    assert normalize_request(otp("u", content={"body": "\U0001f984" * 800}, template_id=None))
+
+
+def test_the_client_holds_a_user_id_to_the_length_intake_takes() -> None:
+    longest = "u" * MAX_USER_ID_LENGTH
+    assert normalize_request(otp(longest))["user_id"] == longest
+    assert problems_of(otp(longest + "u")) == {"user_id": f"longer than {MAX_USER_ID_LENGTH} characters"}
+    codec = serde.AvroSerde()  # what intake sees: the request as it comes off Kafka
+    wire = codec.encode(serde.NOTIFICATION_REQUEST, normalize_request(otp(longest)))
+    assert intake.problems(codec.decode(wire, expected=serde.NOTIFICATION_REQUEST).value) == []
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(user_id=st.text(max_size=140), key=st.text(max_size=260), source=st.text(max_size=20),
+       kind=st.sampled_from(["otp", "transaction", "security", "price_alert", "portfolio", "marketing"]),
+       channels=st.lists(st.sampled_from(["sms", "email", "push"]), unique=True),
+       phone=st.sampled_from([None, "", " ", "+2348012345678", "+1", "+44 20 7946 0958", "08012345678"]),
+       email=st.sampled_from([None, "", "ada@example.com", "a.b+tag@sub.example.co.uk", "üñî@example.com", "a@b",
+                              "@example.com", "ada@exa mple.com"]),
+       body=st.one_of(st.none(), st.text(max_size=40)), subject=st.one_of(st.none(), st.text(max_size=20)),
+       locale=st.one_of(st.none(), st.text(max_size=40)), expires_in_s=st.one_of(st.none(), st.integers(-60, 600)))
+def test_whatever_the_client_accepts_intake_accepts(user_id: str, key: str, source: str, kind: str,
+                                                     channels: list[str], phone: str | None, email: str | None,
+                                                     body: str | None, subject: str | None, locale: str | None,
+                                                     expires_in_s: int | None) -> None:
+    """The API's and the client's rules cover intake's: a request answered 202 is never `invalid` later."""
+    now = datetime.datetime.now(datetime.UTC)
+    request: dict[str, Any] = {
+        "idempotency_key": key, "user_id": user_id, "type": kind, "channels": channels, "source_service": source,
+        "recipient": {"phone": phone, "email": email}, "locale": locale,
+        "expires_at": None if expires_in_s is None else now + datetime.timedelta(seconds=expires_in_s)}
+    if body is None:
+        request.update(template_id=f"{kind}.default")
+    else:
+        request.update(content={"subject": subject, "body": body})
+    try:
+        value = normalize_request(request, now=now)
+    except InvalidRequest:
+        return
+    codec = serde.AvroSerde()
+    decoded = codec.decode(codec.encode(serde.NOTIFICATION_REQUEST, value), expected=serde.NOTIFICATION_REQUEST)
+    assert intake.problems(decoded.value) == []

@@ -171,9 +171,10 @@ async def test_through_the_apis_an_opt_out_suppresses_marketing_and_identical_po
         pipeline.wait_for(lambda: pipeline.metric("preferences", "bulk", "notify_stage_messages_total",
                                                   outcome="settings_updated") > before, what="the settings")
         marketing = {"idempotency_key": "promo-1", "user_id": who, "type": "marketing", "channels": ["sms"],
-                     "template_id": "promo.nov"}
+                     "template_id": "marketing.default"}
         debit = {"idempotency_key": "debit-9", "user_id": who, "type": "transaction", "channels": ["sms", "email"],
-                 "template_id": "debit", "template_params": {"amount": "NGN 5,000"}}
+                 "template_id": "transaction.debit", "template_params": {
+                     "amount": "5,000", "currency": "NGN", "account": "**** 1234", "merchant": "Shoprite"}}
         ids = []
         for body in (marketing, debit, debit, debit):
             response = await client.post("/v1/notifications", json=body, headers=bearer(api_key))

@@ -11,10 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.domain import NOTIFICATION_TYPES
+from pipeline.domain import MAX_ID_LENGTH, MAX_USER_ID_LENGTH, NOTIFICATION_TYPES
 from pipeline.policy.intake import (
-    MAX_IDEMPOTENCY_KEY_LENGTH,
-    MAX_USER_ID_LENGTH,
     DeviceToken,
     IntakeDecision,
     decide,
@@ -84,7 +82,7 @@ def test_an_empty_identifier_is_a_problem(field: str, value: object) -> None:
 
 
 @pytest.mark.parametrize(("field", "limit"), [("user_id", MAX_USER_ID_LENGTH),
-                                             ("idempotency_key", MAX_IDEMPOTENCY_KEY_LENGTH)])
+                                             ("idempotency_key", MAX_ID_LENGTH)])
 def test_an_identifier_is_bounded_in_length(field: str, limit: int) -> None:
     assert problems(request(**{field: "k" * limit})) == []
     assert problems(request(**{field: "k" * (limit + 1)})) == [f"{field} is longer than {limit} characters"]

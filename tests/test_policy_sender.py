@@ -35,6 +35,19 @@ def test_a_template_that_cannot_render_is_a_clear_permanent_error(template_id: s
     assert caught.value.code == code
 
 
+def test_a_line_break_in_an_email_subject_folds_into_a_space_and_cannot_inject_a_header() -> None:
+    injected = render(make_task(channel="email", content={"subject": "Hello\r\nBcc: victim@example.com\n\n",
+                                                          "body": "line one\r\nline two"}))
+    assert injected.subject == "Hello Bcc: victim@example.com"
+    assert injected.body == "line one\r\nline two"  # the body is the body: its lines stay
+    through_param = render(make_task(channel="email", content=None, template_id="transaction.debit",
+                                     template_params={"amount": "1", "currency": "NGN", "account": "1",
+                                                      "merchant": "x"}))
+    assert through_param.subject == "Debit alert"
+    assert render(make_task(channel="email", content={"subject": "\u2028", "body": "b"})).subject == " "
+    assert render(make_task(channel="email", content={"subject": None, "body": "b"})).subject is None
+
+
 def test_push_is_one_message_per_device_with_the_notification_id_as_collapse_key() -> None:
     task = make_task(channel="push", device_tokens=[{"platform": "android", "token": "a1"},
                                                     {"platform": "ios", "token": "b" * 64}])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 
 from pipeline import stack
 from pipeline.config import Settings
-from pipeline.stack.common import OwnedProcess
+from pipeline.stack.common import OwnedProcess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,3 +185,44 @@ def test_owned_process_records_survive_a_round_trip(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "owned.json").read_text())["pid"] == os.getpid()
     # a recycled pid (same number, other start time) is not ours
     assert not OwnedProcess(me.pid, me.start_time + 1).alive()
+
+
+@pytest.fixture
+def traversable_stack_dir() -> Iterator[Path]:
+    """A stack folder the postgres user can reach (pytest's tmp_path is private to root)."""
+    home = Path(tempfile.mkdtemp(prefix="notify-stack-", dir="/var/tmp"))
+    home.chmod(0o755)
+    try:
+        yield home
+    finally:
+        for owned in home.glob("*/owned.json"):
+            if (process := OwnedProcess.load(owned)) is not None:
+                process.terminate(10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_postgresql_killed_by_a_crash_starts_again_over_its_stale_pid_file_and_is_recorded(
+        settings: Settings, traversable_stack_dir: Path) -> None:
+    from pipeline.stack.postgres import PostgresService
+
+    own = PostgresService(dataclasses.replace(settings, database_url=None, postgres_port=free_port(),
+                                              stack_dir=traversable_stack_dir))
+    assert own.launch().startswith("started")
+    first = own.owned()
+    assert first is not None and wait_until(lambda: own.ready_for_setup(1.0), 60)
+    # What a crash leaves: the lock file of a server that is gone. (A SIGKILLed postmaster would stay a zombie
+    # here, where nothing reaps orphans, and PostgreSQL would take it for alive; after a real crash or reboot
+    # the pid names nobody.)
+    lock = (own.data_dir / "postmaster.pid").read_text().splitlines()
+    own.down()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (own.data_dir / "postmaster.pid").write_text("\n".join([str(gone.pid), *lock[1:]]) + "\n")
+    assert OwnedProcess.of(gone.pid) is None
+    again = own.launch()  # before the fix: "PostgreSQL exited at once" while the server it started ran on
+    second = own.owned()
+    assert second is not None and again == f"started (pid {second.pid})", again
+    assert second.pid != first.pid and wait_until(lambda: own.ready_for_setup(1.0), 60)
+    own.down()
+    assert own.owned() is None and not own.ready_for_setup(1.0)
+

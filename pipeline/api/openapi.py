@@ -11,8 +11,12 @@ from typing import Any
 from pipeline.api.auth import KEY_CACHE_TTL_S
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES, MAX_JSON_DEPTH
 from pipeline.api.webhooks import RECEIPT_PROVIDERS
-from pipeline.client import MAX_ID_LENGTH, PLATFORMS
-from pipeline.domain import CHANNELS, LANE_OF_TYPE, NOTIFICATION_TYPES
+from pipeline.client import PLATFORMS
+from pipeline.domain import CHANNELS, LANE_OF_TYPE, MAX_ID_LENGTH, MAX_USER_ID_LENGTH, NOTIFICATION_TYPES
+from pipeline.policy import templates
+
+SMS_LIMIT = (f"When the notification may go by SMS (channels include sms, or are empty), the text it renders may "
+             f"be at most {templates.MAX_SMS_CHARS} characters (UTF-16 units, as the providers count): 422 otherwise.")
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0.0"
@@ -57,7 +61,7 @@ _SCHEMAS: dict[str, Any] = {
             "idempotency_key": _text("A second request with the same user_id, type and idempotency_key is a "
                                      "duplicate and is never sent again: reuse it when retrying.",
                                      minLength=1, maxLength=MAX_ID_LENGTH, pattern=_NOT_BLANK),
-            "user_id": _text("The user to notify (the Kafka key).", minLength=1, maxLength=MAX_ID_LENGTH,
+            "user_id": _text("The user to notify (the Kafka key).", minLength=1, maxLength=MAX_USER_ID_LENGTH,
                              pattern=_NOT_BLANK),
             "type": {"type": "string", "enum": list(NOTIFICATION_TYPES),
                      "description": "Decides the lane: " + ", ".join(f"{t} -> {lane}"
@@ -66,8 +70,11 @@ _SCHEMAS: dict[str, Any] = {
                          "items": {"type": "string", "enum": list(CHANNELS)},
                          "description": "Channels to send on; empty or absent: chosen by the user's preference."},
             "recipient": {"oneOf": [_ref("Recipient"), {"type": "null"}]},
-            "template_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
-            "template_params": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+            "template_id": {"type": ["string", "null"], "enum": [*sorted(templates.CATALOGUE), None],
+                            "description": "A template of the catalogue; template_params must give each of its "
+                                           "placeholders (422 naming the missing ones otherwise)."},
+            "template_params": {"type": ["object", "null"], "additionalProperties": {"type": "string"},
+                                "description": SMS_LIMIT},
             "content": {"oneOf": [_ref("Content"), {"type": "null"}]},
             "locale": {"type": ["string", "null"], "description": "BCP 47 language tag; en when absent.",
                        "default": "en", "examples": ["en-NG"], "minLength": 1, "maxLength": 35,
@@ -104,7 +111,9 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
         "required": ["body"],
-        "properties": {"subject": {"type": ["string", "null"]}, "body": {"type": "string", "minLength": 1}},
+        "properties": {"subject": {"type": ["string", "null"], "description": "One line: line breaks fold into "
+                                                                              "spaces (no header injection)."},
+                       "body": {"type": "string", "minLength": 1, "description": SMS_LIMIT}},
     },
     "Batch": {
         "type": "object",
@@ -240,14 +249,15 @@ def openapi_document() -> dict[str, Any]:
                 "Kafka did not take some items (`results` says which); retrying the whole batch with the same "
                 "idempotency keys is safe.")}},
             "/v1/users/{user_id}/settings": {
-                "parameters": [{"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "parameters": [{"name": "user_id", "in": "path", "required": True,
+                                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH}}],
                 "get": {"operationId": "getUserSettings", "summary": "A user's notification settings",
                         "security": [{"bearerKey": []}, {"headerKey": []}],
                         "responses": {"200": _json("UserSettings", "The settings; ETag is the version."),
                                       "401": _COMMON_ERRORS["401"],
                                       "404": _json("Error", "No settings stored: defaults apply."),
-                                      "422": _json("Error", "user_id is blank, longer than 256 characters, or "
-                                                            "holds a NUL or a lone surrogate.")}},
+                                      "422": _json("Error", f"user_id is blank, longer than {MAX_USER_ID_LENGTH} "
+                                                            "characters, or holds a NUL or a lone surrogate.")}},
                 "put": {"operationId": "putUserSettings", "summary": "Replace a user's notification settings",
                         "description": "Stored in PostgreSQL and published to the user-settings topic through a "
                                        "transactional outbox; the preferences stage follows within seconds. "

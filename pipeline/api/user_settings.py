@@ -30,7 +30,7 @@ from pipeline import db, kafka, metrics, serde, topics
 from pipeline.api.ingest import json_error, read_json
 from pipeline.client import InvalidRequest
 from pipeline.config import Settings
-from pipeline.domain import text_flaws
+from pipeline.domain import MAX_USER_ID_LENGTH, text_flaws
 from pipeline.policy import user_settings as policy
 from pipeline.stages.runtime import utcnow
 
@@ -163,8 +163,8 @@ def _row_as_json(user_id: str, row: Any) -> dict[str, Any]:
 
 def _user_id(request: web.Request) -> str:
     user_id = request.match_info["user_id"]
-    if not user_id.strip() or len(user_id) > 256:
-        json_error(web.HTTPUnprocessableEntity, "user_id must be 1 to 256 characters")
+    if not user_id.strip() or len(user_id) > MAX_USER_ID_LENGTH:
+        json_error(web.HTTPUnprocessableEntity, f"user_id must be 1 to {MAX_USER_ID_LENGTH} characters")
     for _, flaw in text_flaws(user_id):
         json_error(web.HTTPUnprocessableEntity, f"user_id {flaw}")
     return user_id

@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email, text_flaws
+from pipeline.domain import (
+    CHANNELS,
+    MAX_ID_LENGTH,
+    MAX_USER_ID_LENGTH,
+    NOTIFICATION_TYPES,
+    is_e164,
+    is_email,
+    text_flaws,
+)
 
-MAX_USER_ID_LENGTH: Final = 128
-MAX_IDEMPOTENCY_KEY_LENGTH: Final = 256
 PLATFORMS: Final[tuple[str, ...]] = ("android", "ios", "web")  # Avro enum Platform
 
 IntakeOutcome = Literal["accept", "invalid", "expired"]
@@ -62,7 +68,7 @@ def problems(request: Mapping[str, Any]) -> list[str]:
     if not isinstance(request.get("notification_id"), uuid.UUID):
         found.append("notification_id is not a UUID")
     found += _identifier_problems(request, "user_id", MAX_USER_ID_LENGTH)
-    found += _identifier_problems(request, "idempotency_key", MAX_IDEMPOTENCY_KEY_LENGTH)
+    found += _identifier_problems(request, "idempotency_key", MAX_ID_LENGTH)
     if request.get("type") not in NOTIFICATION_TYPES:
         found.append(f"unknown type {request.get('type')!r}; known: {', '.join(NOTIFICATION_TYPES)}")
     found += _recipient_problems(request)

@@ -41,23 +41,50 @@ CATALOGUE: Final[Mapping[str, Mapping[str, tuple[str | None, str]]]] = {
 }
 
 
+# Twilio refuses a longer body (error 21617), and a concatenated SMS of more parts than that is not delivered whole.
+MAX_SMS_CHARS: Final = 1600
+
+
+def sms_length(body: str) -> int:
+    """Length as SMS providers count it: UTF-16 code units (an emoji is two)."""
+    return len(body.encode("utf-16-le")) // 2
+
+
 def _placeholders(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def _texts(template_id: str | None, locale: str | None, params: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The (subject, body) to format for this template and locale; raises TemplateError."""
+    locales = CATALOGUE.get(template_id or "")
+    if locales is None:
+        raise TemplateError("unknown_template", f"no template {template_id!r}; known: {', '.join(sorted(CATALOGUE))}")
+    locale = str(locale or "en")
+    subject, body = locales.get(locale) or locales.get(locale.split("-")[0]) or locales["en"]
+    missing = sorted((_placeholders(body) | _placeholders(subject or "")) - set(params))
+    if missing:
+        raise TemplateError("missing_template_param", f"template {template_id!r} needs {', '.join(missing)}")
+    return subject, body
+
+
+def check(template_id: str | None, locale: str | None, params: Mapping[str, Any]) -> None:
+    """Raise TemplateError if `render` would: the API refuses such a request at once instead of failing it later."""
+    _texts(template_id, locale, params)
+
+
+def one_line(subject: str | None) -> str | None:
+    """An email subject is one header line: a CR or LF in it (a caller's, or a template parameter's) would be a
+    header injection at a provider that builds MIME itself, so line breaks fold into single spaces."""
+    if subject is None or not any(c in subject for c in "\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029"):
+        return subject
+    return " ".join(part for part in subject.splitlines() if part.strip()) or " "
 
 
 def render(task: Mapping[str, Any]) -> Rendered:
     """The subject and body to send for a DeliveryTask; raises TemplateError."""
     content = task.get("content")
     if content is not None:
-        return Rendered(content.get("subject"), content["body"])
-    template_id = task.get("template_id")
-    locales = CATALOGUE.get(template_id or "")
-    if locales is None:
-        raise TemplateError("unknown_template", f"no template {template_id!r}")
-    locale = str(task.get("locale") or "en")
-    subject, body = locales.get(locale) or locales.get(locale.split("-")[0]) or locales["en"]
+        return Rendered(one_line(content.get("subject")), content["body"])
     params: Mapping[str, str] = task.get("template_params") or {}
-    missing = sorted((_placeholders(body) | _placeholders(subject or "")) - set(params))
-    if missing:
-        raise TemplateError("missing_template_param", f"template {template_id!r} needs {missing}")
-    return Rendered(subject.format_map(params) if subject else None, body.format_map(params))
+    subject, body = _texts(task.get("template_id"), task.get("locale"), params)
+    return Rendered(one_line(subject.format_map(params)) if subject else None, body.format_map(params))

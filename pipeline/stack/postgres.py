@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg
@@ -11,7 +12,7 @@ import psycopg
 from pipeline import db
 from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
 from pipeline.errors import StackError
-from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text, wait_until
+from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text
 from pipeline.stack.service import LocalService
 
 # PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` user Debian's package makes.
@@ -101,13 +102,26 @@ class PostgresService(LocalService):
                               "start")
         if done.returncode != 0:
             raise StackError(f"pg_ctl start failed:\n{tail_text(done.stdout + done.stderr)}")
-        pid_file = self.data_dir / "postmaster.pid"
-        if not wait_until(pid_file.exists, 15.0):
-            raise StackError(f"PostgreSQL did not write {pid_file}:\n{self.failure_log()}")
-        owned = OwnedProcess.of(int(pid_file.read_text().splitlines()[0]))
-        if owned is None:
-            raise StackError(f"PostgreSQL exited at once:\n{self.failure_log()}")
+        # A postmaster.pid left by a crash names a process that is gone (or, pid reused, someone else) until the
+        # new postmaster replaces it: wait for one naming a live postgres, or `up` would fail while the server it
+        # started runs on unrecorded (and the next `up` finds its port "taken by a process this stack did not
+        # start").
+        deadline = time.monotonic() + 15.0
+        while (owned := self._postmaster()) is None:
+            if time.monotonic() > deadline:
+                raise StackError(f"PostgreSQL did not start (no live postmaster in "
+                                 f"{self.data_dir / 'postmaster.pid'}):\n{self.failure_log()}")
+            time.sleep(0.1)
         return owned
+
+    def _postmaster(self) -> OwnedProcess | None:
+        """The live postgres process postmaster.pid names, if any."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
+            command = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            return None
+        return OwnedProcess.of(pid) if command.startswith("postgres") else None
 
     def after_ready(self) -> None:
         if self.external:
