@@ -195,20 +195,27 @@ async def routing(hop: Hop, messages: list[Message]) -> list[Output]:
     return out
 
 
-CLAIM_SQL = """
+# Each statement locks its rows in key order (the CTE's ORDER BY ... FOR UPDATE) before it updates them: the
+# sender's and the receipts' hops touch the same rows at once, and two batches locking in arbitrary orders deadlock.
+def _locked(states: str) -> str:
+    return f"""WITH k AS (SELECT * FROM unnest(%s::uuid[], %s::text[]{{more}}) AS k(id, channel{{names}})),
+l AS (SELECT d.notification_id, d.channel FROM deliveries d JOIN k ON d.notification_id = k.id AND d.channel = k.channel
+      WHERE d.state IN ({states}) ORDER BY d.notification_id, d.channel FOR UPDATE OF d)"""
+
+
+CLAIM_SQL = _locked("'queued'").format(more="", names="") + """
 UPDATE deliveries d SET state = 'sending', attempt_count = d.attempt_count + 1, lease_owner = 'baseline',
     claimed_at = now(), lease_expires_at = now() + interval '60 seconds'
-FROM unnest(%s::uuid[], %s::text[]) AS k(id, channel)
-WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state = 'queued'
+FROM l WHERE d.notification_id = l.notification_id AND d.channel = l.channel
 RETURNING d.notification_id::text
 """
 # A receipt may have overtaken the answer (the row is delivered already): it keeps its state and learns its time.
-OUTCOME_SQL = """
+OUTCOME_SQL = _locked("'sending', 'delivered'").format(more=", %s::text[], %s::text[]", names=", provider, pid") + """
 UPDATE deliveries d SET state = CASE WHEN d.state = 'sending' THEN 'accepted' ELSE d.state END,
     provider = k.provider, provider_message_id = k.pid, accepted_at = now(), lease_owner = NULL,
     lease_expires_at = NULL
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS k(id, channel, provider, pid)
-WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ('sending', 'delivered')
+FROM l JOIN k ON k.id = l.notification_id AND k.channel = l.channel
+WHERE d.notification_id = l.notification_id AND d.channel = l.channel
 """
 ATTEMPTS_SQL = """
 INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, response_status,
@@ -276,11 +283,11 @@ async def sender(hop: Hop, messages: list[Message]) -> list[Output]:
     return out
 
 
-RECEIPTS_SQL = """
+RECEIPTS_SQL = _locked("'sending', 'accepted'").format(more=", %s::text[], %s::text[]", names=", provider, pid") + """
 UPDATE deliveries d SET state = 'delivered', final_at = now(), provider = k.provider,
     provider_message_id = COALESCE(d.provider_message_id, k.pid)
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[]) AS k(id, channel, provider, pid)
-WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ('sending', 'accepted')
+FROM l JOIN k ON k.id = l.notification_id AND k.channel = l.channel
+WHERE d.notification_id = l.notification_id AND d.channel = l.channel
 RETURNING d.notification_id::text, d.channel,
           (SELECT n.user_id FROM notifications n WHERE n.notification_id = d.notification_id)
 """
