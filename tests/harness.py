@@ -204,7 +204,7 @@ def start_pipeline(settings: Settings, prefix: str, env: dict[str, str] | None =
     try:
         # ready when a probe of each lane went through routing (`queued`, or `deferred` when Redis is down):
         # every lane's groups have joined by then
-        for lane_type in ("otp", "marketing"):
+        for lane_type in ("otp", "portfolio"):
             probe = pipeline.request(f"probe-{uuid.uuid4().hex[:8]}", lane_type)
             pipeline.produce(probe)
             probe_id = probe["notification_id"]

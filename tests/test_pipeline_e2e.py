@@ -65,6 +65,27 @@ def test_an_opted_out_marketing_sms_is_suppressed_while_an_otp_to_the_same_user_
     assert pipeline.deliveries(otp["notification_id"]) == [("sms", "queued", None)]
 
 
+def test_marketing_goes_only_where_the_user_consented_and_nowhere_without_consent(pipeline: Pipeline) -> None:
+    consents, stranger = user(), user()
+    before = pipeline.metric("preferences", "bulk", "notify_stage_messages_total", outcome="settings_updated")
+    pipeline.put_settings({
+        "user_id": consents, "version": 1, "updated_at": datetime.datetime.now(datetime.UTC),
+        "categories": {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": []}},
+    })
+    pipeline.wait_for(lambda: pipeline.metric("preferences", "bulk", "notify_stage_messages_total",
+                                              outcome="settings_updated") > before, what="the settings to arrive")
+    welcome = pipeline.request(consents, "marketing", channels=["sms", "email"], template_id="marketing.default")
+    cold = pipeline.request(stranger, "marketing", channels=["sms", "email"], template_id="marketing.default")
+    pipeline.produce(welcome, cold)
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(welcome["notification_id"]), what="the consented one")
+    pipeline.wait_for(lambda: pipeline.statuses(cold["notification_id"]).count("suppressed") == 2,
+                      what="the unconsented one suppressed on both channels")
+    assert pipeline.deliveries(welcome["notification_id"]) == [("email", "queued", None),
+                                                               ("sms", "suppressed", "no_consent")]
+    assert pipeline.deliveries(cold["notification_id"]) == [("email", "suppressed", "no_consent"),
+                                                            ("sms", "suppressed", "no_consent")]
+
+
 def test_the_fourth_non_critical_sms_within_the_hour_is_rate_limited(pipeline: Pipeline) -> None:
     who = user()
     alerts = [pipeline.request(who, "price_alert") for _ in range(4)]

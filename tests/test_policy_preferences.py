@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from pipeline.domain import CHANNELS, CRITICAL_TYPES, NOTIFICATION_TYPES, Channel
 from pipeline.policy.intake import DeviceToken
-from pipeline.policy.preferences import DEFAULT_ORDER, ChannelTarget, PreferenceDecision, SuppressionReason, decide
+from pipeline.policy.preferences import (
+    CONSENT_REQUIRED,
+    DEFAULT_ORDER,
+    ChannelTarget,
+    PreferenceDecision,
+    SuppressionReason,
+    consent_refusal,
+    decide,
+)
 from pipeline.serde import USER_SETTINGS, AvroSerde
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -23,6 +31,7 @@ CONTACT_TOKEN = {"platform": "android", "token": "fcm-token-from-contacts"}
 NO_ADDRESSES: dict[str, Any] = {"phone": None, "email": None, "device_tokens": []}
 EVERY_ADDRESS: dict[str, Any] = {"phone": PHONE, "email": EMAIL, "device_tokens": [TOKEN]}
 BULK_TYPES = tuple(t for t in NOTIFICATION_TYPES if t not in CRITICAL_TYPES)
+CONSENTED = {"marketing": {"opted_in_channels": ["sms", "email", "push"], "opted_out_channels": []}}
 
 SMS = ChannelTarget("sms", address=PHONE)
 EMAIL_TARGET = ChannelTarget("email", address=EMAIL)
@@ -49,7 +58,7 @@ def opted_out(kind: str, *channels: Channel) -> dict[str, Any]:
 # --- no settings ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", NOTIFICATION_TYPES)
+@pytest.mark.parametrize("kind", [t for t in NOTIFICATION_TYPES if t not in CONSENT_REQUIRED])
 def test_without_settings_auto_picks_the_first_channel_of_the_lanes_default_order(kind: str) -> None:
     first = DEFAULT_ORDER["critical" if kind in CRITICAL_TYPES else "bulk"][0]
     assert decide(request(kind), None, NOW) == PreferenceDecision(send=({"sms": SMS, "push": PUSH}[first],))
@@ -68,7 +77,7 @@ def test_settings_with_every_field_at_its_default_decide_like_no_settings() -> N
 
 
 def test_explicit_channels_are_all_sent_in_the_order_asked() -> None:
-    decision = decide(request("marketing", ("email", "sms", "email")), None, NOW)
+    decision = decide(request("portfolio", ("email", "sms", "email")), None, NOW)
     assert decision.send == (EMAIL_TARGET, SMS)
 
 
@@ -91,6 +100,34 @@ def test_a_channel_in_both_opt_in_and_opt_out_counts_as_opted_out() -> None:
 
 
 # --- opt-outs are per type ------------------------------------------------------------------------------------------
+
+
+def test_marketing_goes_only_on_the_channels_the_user_consented_to() -> None:
+    email_only = {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": []}}
+    decision = decide(request("marketing", ("sms", "email", "push")), user_settings(categories=email_only), NOW)
+    assert decision.send == (EMAIL_TARGET,)
+    assert decision.suppressed == (("sms", "no_consent"), ("push", "no_consent"))
+    # auto: the first consented channel in the user's order; the skipped ones are reported
+    auto = decide(request("marketing"), user_settings(categories=email_only), NOW)
+    assert auto.send == (EMAIL_TARGET,) and auto.suppressed == (("push", "no_consent"),)
+
+
+def test_marketing_without_a_consent_record_is_suppressed_on_every_channel() -> None:
+    assert decide(request("marketing", ("sms", "email")), None, NOW) == PreferenceDecision(
+        send=(), suppressed=(("sms", "no_consent"), ("email", "no_consent")))
+    no_choice = user_settings(categories={"price_alert": {"opted_in_channels": ["sms"], "opted_out_channels": []}})
+    assert decide(request("marketing"), no_choice, NOW).send == ()
+    # consent for one type is not consent for another, and other types need none
+    assert decide(request("portfolio", ("sms",)), None, NOW).send == (SMS,)
+
+
+def test_consent_refusal_reads_only_the_category_settings_the_sender_has() -> None:
+    stored = {"categories": {"marketing": {"opted_in_channels": ["sms", "email"], "opted_out_channels": ["email"]}}}
+    assert consent_refusal(stored, "marketing", "sms") is None
+    assert consent_refusal(stored, "marketing", "email") == "opted_out"
+    assert consent_refusal(stored, "marketing", "push") == "no_consent"
+    assert consent_refusal(None, "marketing", "sms") == "no_consent"
+    assert consent_refusal(None, "price_alert", "sms") is None
 
 
 def test_a_marketing_opt_out_leaves_otp_untouched() -> None:
@@ -150,7 +187,7 @@ def test_auto_skips_preferred_channels_that_are_opted_out_or_unreachable_and_say
 
 def test_auto_falls_back_to_channels_the_preference_does_not_name_in_default_order() -> None:
     settings = user_settings(channel_preference=["email"])
-    decision = decide(request("marketing", (), {**NO_ADDRESSES, "phone": PHONE}), settings, NOW)
+    decision = decide(request("portfolio", (), {**NO_ADDRESSES, "phone": PHONE}), settings, NOW)
     assert decision.send == (SMS,)
     assert decision.suppressed == (("email", "no_recipient"), ("push", "no_recipient"))
 
@@ -197,7 +234,7 @@ LAGOS_SEVEN = datetime(2025, 6, 2, 6, 0, tzinfo=UTC)
 
 @pytest.mark.parametrize("kind", BULK_TYPES)
 def test_quiet_hours_defer_a_bulk_notification_until_they_end(kind: str) -> None:
-    decision = decide(request(kind), user_settings(**QUIET_LAGOS), LAGOS_MIDNIGHT)
+    decision = decide(request(kind), user_settings(**QUIET_LAGOS, categories=CONSENTED), LAGOS_MIDNIGHT)
     assert decision.deferred_until == LAGOS_SEVEN
     assert decision.send == (PUSH,)  # what goes out when the window ends, unless settings change
 
@@ -218,14 +255,14 @@ def test_a_suppressed_notification_is_not_deferred() -> None:
 
 def test_quiet_hours_in_an_unknown_time_zone_are_taken_in_utc_with_a_note() -> None:
     settings = user_settings(timezone="Lagos", quiet_hours={"start": "22:00", "end": "07:00"})
-    decision = decide(request("marketing"), settings, LAGOS_MIDNIGHT)
+    decision = decide(request("price_alert"), settings, LAGOS_MIDNIGHT)
     assert decision.deferred_until == datetime(2025, 6, 2, 7, 0, tzinfo=UTC)
     assert decision.notes == ("unknown time zone 'Lagos'; quiet hours taken in UTC",)
 
 
 def test_malformed_quiet_hours_are_ignored_with_a_note() -> None:
     settings = user_settings(quiet_hours={"start": "10pm", "end": "07:00"})
-    decision = decide(request("marketing"), settings, LAGOS_MIDNIGHT)
+    decision = decide(request("price_alert"), settings, LAGOS_MIDNIGHT)
     assert decision.deferred_until is None
     assert decision.send == (PUSH,)
     assert decision.notes == ("quiet hours '10pm'-'07:00' are not HH:MM; ignored",)

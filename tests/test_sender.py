@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 from harness import start_pipeline
+from psycopg.types.json import Jsonb
 
 from pipeline import db, kafka, topics
 from pipeline.bench.rig import Workers, free_port_block
@@ -325,3 +326,33 @@ def test_the_cli_programs_the_simulator(fresh: Rig) -> None:
     assert bad.returncode == 1 and "latency_ms must be a number >= 0" in bad.stdout
     notify("reset")
     assert json.loads(notify("show", "providers"))["termii"]["error_rates"] == {}
+
+
+def test_a_marketing_send_whose_consent_was_withdrawn_while_it_waited_is_suppressed_and_never_sent(
+        fresh: Rig) -> None:
+    withdrew, lapsed, consents, unstored = (f"mk-{uuid.uuid4().hex[:10]}" for _ in range(4))
+    stored = {withdrew: {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": ["email"]}},
+              lapsed: {"price_alert": {"opted_in_channels": ["sms"], "opted_out_channels": []}},
+              consents: {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": []}}}
+    with db.connect(fresh.settings) as conn, conn.transaction():
+        for user, categories in stored.items():  # what the settings API wrote after preferences routed the sends
+            conn.execute("INSERT INTO user_notification_settings (user_id, category_settings) VALUES (%s, %s)",
+                         (user, Jsonb(categories)))
+    try:
+        marketing = {user: make_task(notification_type="marketing", channel="email", user_id=user, ttl=None)
+                     for user in (withdrew, lapsed, consents, unstored)}
+        portfolio = make_task(notification_type="portfolio", channel="email", user_id=lapsed, ttl=None)
+        ids = fresh.run([*marketing.values(), portfolio])
+        seen = fresh.wait(ids, done=("accepted", "suppressed"))
+        rows = fresh.rows(ids)
+        assert {user: (rows[t["notification_id"]][0], rows[t["notification_id"]][4])
+                for user, t in marketing.items()} == {
+            withdrew: ("suppressed", "opted_out"), lapsed: ("suppressed", "no_consent"),
+            consents: ("accepted", None), unstored: ("accepted", None)}  # no stored row: preferences' decision
+        assert seen[portfolio["notification_id"]] == "accepted"  # a type that needs no consent
+        sent = collections.Counter(e["notification_id"] for e in fresh.ledger_of(ids))
+        assert sent == {marketing[consents]["notification_id"]: 1, marketing[unstored]["notification_id"]: 1,
+                        portfolio["notification_id"]: 1}
+    finally:
+        with db.connect(fresh.settings) as conn, conn.transaction():
+            conn.execute("DELETE FROM user_notification_settings WHERE user_id = ANY(%s)", (list(stored),))

@@ -174,7 +174,7 @@ def remove_redis_keys(settings: Settings, token: str) -> int:
 def wait_ready(made: Rig) -> None:
     """Ready when a probe of each lane reached the provider."""
     producer = KafkaLoad(made.settings, made.codec)
-    probes = [load.request("p", 0, made.token, "otp"), load.request("p", 1, made.token, "marketing")]
+    probes = [load.request("p", 0, made.token, "otp"), load.request("p", 1, made.token, "portfolio")]
     for probe in probes:
         producer.send(probe)
     if producer.flush():
@@ -397,7 +397,7 @@ def phase_backlog(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box:
     started = time.monotonic()
     first_ms = load.now_ms()
     for i in range(plan.backlog):
-        req = load.request("k", i, made.token, "marketing", ttl=datetime.timedelta(hours=2))
+        req = load.request("k", i, made.token, "portfolio", ttl=datetime.timedelta(hours=2))
         backlog.set("created", i, req["created_at"].timestamp() * 1000)
         producer.send(req)
     producer.flush()

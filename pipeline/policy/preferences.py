@@ -4,6 +4,10 @@ which channels are suppressed and why, and whether quiet hours defer it.
 Rules:
 - Opt-outs are per notification type and channel (UserSettings.categories[type].opted_out_channels), so a
   marketing opt-out never touches otp, security or transaction.
+- Marketing needs consent: it goes only on channels the user opted into (categories.marketing.opted_in_channels);
+  any other channel is suppressed `no_consent`, and without settings or a marketing choice every one is. An
+  opt-out wins over an opt-in (a channel in both is `opted_out`). The sender asks again just before it claims a
+  marketing send (`consent_refusal`), so a consent withdrawn while the message waited in a queue is honoured.
 - Critical types (otp, security, transaction) are never suppressed entirely: an opt-out is honoured while another
   candidate channel can still be sent on; when none can, the first opted-out candidate that has an address is
   used anyway and named in `opt_out_overridden` (a stale OTP or an unseen fraud alert costs the user more than
@@ -21,8 +25,8 @@ Rules:
 - No settings at all: nothing opted out, no quiet hours, default order.
 - An unknown time zone takes quiet hours in UTC, and malformed quiet hours are ignored; both leave a note.
 
-Not decided here (yet): opted_in_channels (consent required for marketing) is not enforced, and the digest
-choice (UserSettings.digest for bulk-lane types) is not applied. TODO: digest batching, as its own stage.
+Not decided here (yet): the digest choice (UserSettings.digest for bulk-lane types) is not applied. TODO: digest
+batching, as its own stage.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ from pipeline.domain import CHANNELS, CRITICAL_TYPES, Channel, Lane, lane_for
 from pipeline.policy.intake import DeviceToken, usable_device_tokens, usable_email, usable_phone
 from pipeline.policy.quiet_hours import known_timezone, parse_clock_time, quiet_until
 
-SuppressionReason = Literal["opted_out", "no_recipient"]
+SuppressionReason = Literal["opted_out", "no_consent", "no_recipient"]
+# Types sent only on channels the user consented to (opted_in_channels): unsolicited marketing is unlawful in
+# most markets (GDPR/PECR, NDPR, TCPA), while the user's own alerts are the service they signed up for.
+CONSENT_REQUIRED: Final[frozenset[str]] = frozenset({"marketing"})
 
 # Critical: the channel most likely to arrive fast and be read first. Bulk: the cheapest that is still seen.
 DEFAULT_ORDER: Final[dict[Lane, tuple[Channel, ...]]] = {
@@ -81,8 +88,9 @@ def decide(request: Mapping[str, Any], user_settings: Mapping[str, Any] | None, 
     send: list[ChannelTarget] = []
     suppressed: list[tuple[Channel, SuppressionReason]] = []
     for channel in candidates:
-        if channel in opted_out:
-            suppressed.append((channel, "opted_out"))
+        refusal = consent_refusal(settings, notification_type, channel)
+        if refusal is not None:
+            suppressed.append((channel, refusal))
         elif channel not in targets:
             suppressed.append((channel, "no_recipient"))
         else:
@@ -107,6 +115,23 @@ def decide(request: Mapping[str, Any], user_settings: Mapping[str, Any] | None, 
 def _unique(channels: Iterable[Channel]) -> tuple[Channel, ...]:
     """Known channels, first occurrence kept, in order."""
     return tuple(dict.fromkeys(channel for channel in channels if channel in CHANNELS))
+
+
+def consent_refusal(settings: Mapping[str, Any] | None, notification_type: str,
+                    channel: str) -> SuppressionReason | None:
+    """Why the user's own choices forbid `channel` for `notification_type` (None: they do not). Settings as in
+    UserSettings; only `categories` is read, so the sender can pass the stored category settings alone."""
+    settings = settings or {}
+    if channel in _opted_out(settings, notification_type):
+        return "opted_out"
+    if notification_type in CONSENT_REQUIRED and channel not in _opted_in(settings, notification_type):
+        return "no_consent"
+    return None
+
+
+def _opted_in(settings: Mapping[str, Any], notification_type: str) -> frozenset[Channel]:
+    category: Mapping[str, Any] = (settings.get("categories") or {}).get(notification_type) or {}
+    return frozenset(_unique(category.get("opted_in_channels") or ()))
 
 
 def _opted_out(settings: Mapping[str, Any], notification_type: str) -> frozenset[Channel]:

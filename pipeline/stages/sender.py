@@ -3,7 +3,9 @@
 Per batch (up to NOTIFY_SENDER_MAX_IN_FLIGHT tasks, every channel of the lane):
 
 1. Decode (undecodable -> quarantine), drop tasks whose notification expired (row -> `expired`) and render each
-   task's content (an unknown template fails the row for good: a retry cannot fix it).
+   task's content (an unknown template fails the row for good: a retry cannot fix it). For a type that needs
+   consent (marketing), ask the user's stored settings once more (one statement per batch): a consent withdrawn
+   while the message waited in a queue suppresses the row (`no_consent` or `opted_out`) instead of sending.
 2. Claim every task in one statement: `queued` (or a `retry_scheduled` row that is due) -> `sending` with a lease
    and attempt_count + 1. A task whose row is not claimable (already sending, accepted, final: a redelivery, a
    replay or a second worker after a rebalance) is skipped: nothing is sent twice.
@@ -44,6 +46,7 @@ from pipeline.breaker import BreakerBoard
 from pipeline.domain import CHANNELS
 from pipeline.policy import cost, recovery
 from pipeline.policy import providers as policy
+from pipeline.policy.preferences import CONSENT_REQUIRED, consent_refusal
 from pipeline.policy.templates import Rendered, TemplateError, render
 from pipeline.stages import retry
 from pipeline.stages.runtime import (
@@ -100,6 +103,13 @@ UPDATE deliveries d SET state = 'expired', last_error_code = 'expired', final_at
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[]) AS k(notification_id, channel)
 WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.state IN ('queued', 'retry_scheduled')
 RETURNING d.notification_id::text, d.channel
+"""
+CONSENT_OF = "SELECT user_id, category_settings FROM user_notification_settings WHERE user_id = ANY(%s)"
+WITHDRAWN = """
+UPDATE deliveries d SET state = 'suppressed', last_error_code = k.reason, final_at = now(), next_attempt_at = NULL
+FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(reasons)s::text[]) AS k(notification_id, channel, reason)
+WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.state IN ('queued', 'retry_scheduled')
+RETURNING d.notification_id::text, d.channel, k.reason
 """
 FAIL_UNSENDABLE = """
 UPDATE deliveries d SET state = 'failed', last_error_code = k.code, last_error_message = k.message,
@@ -270,7 +280,9 @@ class Sender:
 
         pool = await db.async_pool(self.settings)
         async with pool.connection() as conn:
-            gone = await self._settle_unsent(conn, tasks, expired, unsendable)
+            withdrawn = await self._withdrawn_consent(conn, tasks, to_claim)
+            to_claim = [k for k in to_claim if k not in withdrawn]
+            gone = await self._settle_unsent(conn, tasks, expired, unsendable, withdrawn)
             rows = await (await conn.execute(CLAIM, {
                 "owner": self.owner, "lease_s": self.settings.sender_lease_s,
                 "ids": [k[0] for k in to_claim], "channels": [k[1] for k in to_claim]})).fetchall()
@@ -295,11 +307,34 @@ class Sender:
         log.debug("batch: %d tasks, %d sent, %d skipped, %d unsendable/expired", len(tasks), len(jobs), skipped,
                   gone)
 
+    async def _withdrawn_consent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
+                                 keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The tasks whose user, by the settings stored now, no longer lets them go (key -> reason). A user with
+        no stored row keeps the decision preferences made (settings produced to the topic, not through the API)."""
+        asking = [k for k in keys if tasks[k]["type"] in CONSENT_REQUIRED]
+        if not asking:
+            return {}
+        rows = await (await conn.execute(CONSENT_OF, (list({tasks[k]["user_id"] for k in asking}),))).fetchall()
+        stored: dict[str, Any] = dict(rows)
+        refused = {k: consent_refusal({"categories": stored[tasks[k]["user_id"]]}, tasks[k]["type"], k[1])
+                   for k in asking if tasks[k]["user_id"] in stored}
+        return {k: reason for k, reason in refused.items() if reason is not None}
+
     async def _settle_unsent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
                              expired: Iterable[tuple[str, str]],
-                             unsendable: Mapping[tuple[str, str], TemplateError]) -> int:
+                             unsendable: Mapping[tuple[str, str], TemplateError],
+                             withdrawn: Mapping[tuple[str, str], str]) -> int:
         expired = list(expired)
         done = 0
+        if withdrawn:
+            keys = list(withdrawn)
+            rows = await (await conn.execute(WITHDRAWN, {
+                "ids": [k[0] for k in keys], "channels": [k[1] for k in keys],
+                "reasons": [withdrawn[k] for k in keys]})).fetchall()
+            for nid, channel, reason in rows:
+                self.ctx.emit(tasks[(nid, channel)], "suppressed", channel=channel, error_code=reason)
+                self._deliveries(channel, "suppressed").inc()
+            done += len(rows)
         if expired:
             rows = await (await conn.execute(EXPIRE, {"ids": [k[0] for k in expired],
                                                       "channels": [k[1] for k in expired]})).fetchall()
