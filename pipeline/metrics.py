@@ -29,6 +29,7 @@ LABELS: Final = frozenset({
     "lane", "stage", "channel", "provider", "type", "outcome", "reason", "state", "status", "result", "tier", "to",
     "kind", "route", "method", "category", "change", "action", "group", "topic", "logical_topic", "partition",
     "currency", "stuck",
+    "country",  # bounded by pipeline.policy.regions: its calling-code table, the routing table's codes, other, none
 })
 ENABLED: Final[bool] = bool(config.value("metrics_enabled"))
 # Every metric declared in this process: name -> (kind, label names). Tests read it (which metrics carry a lane).

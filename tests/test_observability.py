@@ -141,7 +141,12 @@ def sms_requests(count: int) -> list[dict[str, Any]]:
 def rig(settings: Settings) -> Iterator[LoopRig]:
     service = PrometheusService(settings)
     assert service.ready(), "the stack's Prometheus must run (`notify stack up` starts it)"
-    for loop in start_loop(settings, "tobs", STAGES, exporter=True):
+    # The reconciler sweeps the whole deliveries table: rows other tests left behind must not become sends that
+    # this test's counters would count, so it acts only on rows stuck for a day.
+    day = str(24 * 3600)
+    patient = {f"NOTIFY_RECONCILE_{name}": day for name in ("LEASE_GRACE_S", "UNKNOWN_AFTER_S",
+                                                            "RECEIPT_TIMEOUT_S", "RETRY_OVERDUE_S")}
+    for loop in start_loop(settings, "tobs", STAGES, patient, exporter=True):
         run = loop.settings.topic_prefix
         written = [prometheus.write_targets(settings, job, run.strip("."),
                                             [(port, {**labels, "run": run}) for port, labels in entries])

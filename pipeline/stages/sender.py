@@ -47,6 +47,7 @@ from pipeline.domain import CHANNELS
 from pipeline.policy import cost, recovery
 from pipeline.policy import providers as policy
 from pipeline.policy.preferences import CONSENT_REQUIRED, consent_refusal
+from pipeline.policy.regions import NO_PHONE, CountryLabels
 from pipeline.policy.templates import Rendered, TemplateError, render
 from pipeline.stages import retry
 from pipeline.stages.runtime import (
@@ -62,11 +63,13 @@ from pipeline.stages.runtime import (
 log = logging.getLogger("notify.sender")
 
 PROVIDER_SECONDS = metrics.histogram(
-    "notify_provider_request_seconds", "Provider call latency, by outcome.", ["provider", "channel", "outcome"],
+    "notify_provider_request_seconds", "Provider call latency, by outcome and the recipient's country (SMS).",
+    ["provider", "channel", "outcome", "country"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30))
 PROVIDER_OUTCOMES = metrics.counter(
-    "notify_provider_outcomes_total", "Provider calls, by outcome and reason.",
-    ["provider", "channel", "outcome", "reason"])
+    "notify_provider_outcomes_total", "Provider calls, by outcome, reason and the recipient's country (SMS: "
+    "from the calling code, a bounded set; none for email and push).", ["provider", "channel", "outcome", "reason",
+                                                                        "country"])
 IN_FLIGHT = metrics.gauge("notify_sender_in_flight", "Sends in flight in this worker.", ["lane"])
 PROVIDER_IN_FLIGHT = metrics.gauge("notify_provider_in_flight", "Calls in flight to a provider in this worker.",
                            ["provider"])
@@ -211,6 +214,7 @@ class Sender:
         self.settings = ctx.settings
         self.board = board
         self.routing = policy.routing_table(ctx.settings.routing_overrides)
+        self.countries = CountryLabels(code for _, code in self.routing.by_country)
         self.connectors: dict[str, Connector] = dict(connectors or {})
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.latencies: dict[str, collections.deque[float]] = collections.defaultdict(
@@ -223,7 +227,8 @@ class Sender:
             for provider in providers:
                 # At 0 from the start: rate() cannot see the increase of a counter that appears at its first
                 # increment, so a fresh worker's first calls would be missing from every ratio.
-                PROVIDER_OUTCOMES.labels(provider, channel, "accepted", "ok")
+                for country in (self.countries.labels() - {NO_PHONE}) if channel == "sms" else (NO_PHONE,):
+                    PROVIDER_OUTCOMES.labels(provider, channel, "accepted", "ok", country)
                 COST.labels(provider, channel)
         self._in_flight = IN_FLIGHT.labels(ctx.lane)
         self._skipped = SKIPPED.labels(ctx.lane)
@@ -419,8 +424,9 @@ class Sender:
             self._provider_in_flight(provider).dec()
         job.calls.append(Call(outcome, started, utcnow()))
         self.latencies[provider].append(outcome.latency_s)
-        self._provider_seconds(provider, message.channel, outcome.kind).observe(outcome.latency_s)
-        self._provider_outcomes(provider, message.channel, outcome.kind, outcome.reason).inc()
+        country = self.countries.of(message.to if message.channel == "sms" else None)
+        self._provider_seconds(provider, message.channel, outcome.kind, country).observe(outcome.latency_s)
+        self._provider_outcomes(provider, message.channel, outcome.kind, outcome.reason, country).inc()
         if outcome.kind == "accepted":
             self._cost(provider, message.channel).inc(
                 cost.message_cost(self.prices, provider, message.channel, message.body))
