@@ -32,16 +32,18 @@ import psycopg
 
 from connectors.base import Connector, DeliveryStatus, Found, ProviderQueryError
 from connectors.factory import create_connector
-from pipeline import db, deliveries, kafka, metrics, serde
+from pipeline import db, deliveries, kafka, metrics, serde, topics
 from pipeline.config import Settings
 from pipeline.policy import providers as routing
 from pipeline.policy import recovery
 from pipeline.policy.templates import TemplateError, render
+from pipeline.stages import retry
 from pipeline.stages.runtime import ERRORS, StageContext
 from pipeline.stages.sender import messages_of
 
 log = logging.getLogger("notify.reconcile")
 
+LOST_AT_PROVIDER = "lost_at_provider"  # the DLQ reason of an accepted row its provider no longer knows
 LOCK_KEY = 0x6E6F7469667972  # pg advisory lock id of the reconciler ("notifyr")
 SWEEP_LIMIT = 500  # rows per state and round: a round stays bounded however much is stuck
 # A lookup by reference matches recipient and content between the claim and the end of the lease (or the recorded
@@ -220,6 +222,8 @@ class Reconciler:
                 state, fallback_from = "queued", row.provider
         if step.action == "resend":
             state = "queued" if stuck == "queued" else "retry_scheduled"
+        if step.action == "dead_letter":
+            state = "dead_lettered"
         try:
             async with pool.connection() as conn:
                 moved = await deliveries.transition(
@@ -232,9 +236,19 @@ class Reconciler:
             return "raced"
         if state in ("queued", "retry_scheduled"):
             deliveries.reinject(self.ctx, row)
+        if state == "dead_lettered" and row.task is not None:
+            self._dead_letter(row, step.reason)
         self.ctx.emit(row.subject, state, channel=row.channel, provider=provider or row.provider, lane=row.lane,
                             attempt=row.attempt_count, error_code=f"reconciled:{stuck}", error_message=step.reason)
         return "fallback" if fallback_from else step.action
+
+    def _dead_letter(self, row: deliveries.DeliveryRow, reason: str) -> None:
+        """The row's task to the DLQ, as the sender parks one, so `notify dlq redrive` can send it again."""
+        send_topic = topics.send_topic(row.channel, row.lane)
+        base = retry.delivery_headers(row.notification_id, row.channel, row.lane, send_topic, [])
+        self.ctx.send(topics.DLQ, row.user_id, row.task,
+                      retry.dead_letter_headers(base, LOST_AT_PROVIDER, reason, "reconcile"))
+        retry.DEAD_LETTERED.labels(row.lane, row.channel, LOST_AT_PROVIDER).inc()
 
     # ------------------------------------------------------------------------------------------- the loop
 

@@ -84,6 +84,7 @@ def test_a_receipt_resolves_an_unknown_delivery_that_has_no_provider_id_yet() ->
     ("accepted", "failed", "sms", "failed"),
     ("accepted", "delivered", "email", "delivered"),
     ("accepted", "cannot_tell", "sms", "leave"),
+    ("accepted", "not_found", "sms", "dead_letter"),  # it had our message once: an operator decides, not a re-send
     ("retry_scheduled", "cannot_tell", "sms", "resend"),
     ("queued", "cannot_tell", "email", "resend"),
 ])

@@ -162,3 +162,23 @@ def test_reconciliation_resolves_each_stuck_state_against_the_providers(rig: Loo
     # "never arrived" is re-sent through the send topic, where the claim holds: exactly one message
     assert rig.wait([never_sent["notification_id"]]) == {never_sent["notification_id"]: "delivered"}
     assert len(rig.ledger_of([never_sent["notification_id"], accepted])) == 2
+
+
+def test_an_accepted_delivery_its_provider_no_longer_knows_goes_to_the_dlq_and_is_not_re_sent(rig: LoopRig) -> None:
+    task = unique_sms()
+    seed(rig.settings, [task])
+    nid = task["notification_id"]
+    with db.connect(rig.settings) as conn, conn.transaction():  # accepted an hour ago under an id Twilio forgot
+        conn.execute("UPDATE deliveries SET state = 'accepted', attempt_count = 1, provider = 'twilio', "
+                     "provider_message_id = %s, accepted_at = now() - interval '1 hour' WHERE notification_id = %s",
+                     (f"SM{uuid.uuid4().hex}", nid))
+    summary = rig.reconcile([nid])
+    assert summary["resolved"] == {"accepted:dead_letter": 1}
+    assert rig.rows([nid])[nid]["state"] == "dead_lettered"
+    [entry] = dlq.select(dlq.read(rig.settings), {"notification_id": nid})
+    assert entry.header("notify-reason") == "lost_at_provider" and entry.header("notify-source") == "reconcile"
+    time.sleep(1)
+    assert rig.ledger_of([nid]) == []  # nothing went out on its own
+    assert asyncio.run(dlq.redrive(rig.settings, [entry])).redriven == [entry.position]  # an operator's choice
+    assert rig.wait([nid]) == {nid: "delivered"}
+    assert len(rig.ledger_of([nid])) == 1

@@ -107,7 +107,7 @@ def after_receipt(row: DeliveryView, provider: str, provider_message_id: str, st
 
 Stuck = Literal["sending", "unknown", "accepted", "retry_scheduled", "queued"]
 LookupAnswer = Literal["delivered", "failed", "pending", "not_found", "cannot_tell"]
-ReconcileAction = Literal["delivered", "failed", "accepted", "resend", "leave"]
+ReconcileAction = Literal["delivered", "failed", "accepted", "resend", "dead_letter", "leave"]
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,12 @@ def reconcile(stuck: Stuck, answer: LookupAnswer, channel: str) -> ReconcileStep
     """What to do with a stuck row given what its provider(s) said.
 
     Never re-sends something a provider holds: only `not_found` (every provider of the channel answered and none
-    has it) re-sends. Push has no status API (`cannot_tell` always): an ambiguous push is re-sent, because the
-    notification id is its collapse id, so the device shows it once even if the first one arrived.
+    has it) re-sends, and not even that for an `accepted` row: the provider gave us its message id, so it had the
+    message; not knowing it now (a record deleted under a retention policy, another account) says nothing about
+    whether it was delivered, and a re-send could be the user's second debit alert. That row goes to the DLQ,
+    where an operator decides (`notify dlq redrive`). Push has no status API (`cannot_tell` always): an ambiguous
+    push is re-sent, because the notification id is its collapse id, so the device shows it once even if the first
+    one arrived.
     """
     if stuck in ("retry_scheduled", "queued"):
         return ReconcileStep("resend", f"overdue {stuck} row: the record that should re-drive it was lost")
@@ -133,6 +137,9 @@ def reconcile(stuck: Stuck, answer: LookupAnswer, channel: str) -> ReconcileStep
         if stuck == "accepted":
             return ReconcileStep("leave", "the provider still has it in flight")
         return ReconcileStep("accepted", "the provider holds it")
+    if answer == "not_found" and stuck == "accepted":
+        return ReconcileStep("dead_letter", "the provider accepted it (we hold its message id) and now does not know "
+                                            "it: delivered or not cannot be told, so it is not re-sent blindly")
     if answer == "not_found":
         return ReconcileStep("resend", "never arrived at any provider")
     if channel == "push" and stuck in ("sending", "unknown"):
