@@ -6,6 +6,11 @@ inputs where every sender worker sees them:
     <prefix>notify:breaker:<provider>           hash: state (closed|open), opened_at, closed_at (epoch seconds)
     <prefix>notify:breaker:<provider>:<second>  hash: calls, failures of that second (expires after the window)
     <prefix>notify:breaker:<provider>:probe     the half-open probe's token (SET NX with a TTL)
+    <prefix>notify:latency:<provider>           list: the latest LATENCY_SAMPLE call latencies (s), newest first
+
+The latency list is the deadline-aware routing's shared view: every worker's calls go into it, so a provider
+that turned slow for one worker is slow for all of them at once, and a worker that just started (no calls of its
+own yet) already knows which provider cannot make an OTP's deadline.
 
 A worker reads the board once per batch (one round trip for all providers), and writes its batch's call counts
 in one pipeline. When the window's failure rate crosses the threshold, the breaker opens for everyone. After the
@@ -20,14 +25,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pipeline import metrics, redis_client
-from pipeline.policy.providers import Breaker, BreakerPolicy, BreakerState, breaker_after_call, breaker_state
+from pipeline.policy.providers import Breaker, BreakerPolicy, BreakerState, breaker_after_call, breaker_state, p95
 
 log = logging.getLogger("notify.breaker")
 
@@ -41,6 +47,17 @@ BREAKER_STORE_ERRORS = metrics.counter(
 STATE_VALUE: Final[Mapping[BreakerState, int]] = {"closed": 0, "half_open": 1, "open": 2}
 SOCKET_TIMEOUT_S: Final = 0.2
 PROBE_TTL_S: Final = 30  # a probe whose worker died frees the token after this
+LATENCY_SAMPLE: Final = 200  # latencies kept per provider, across workers
+LATENCY_TTL_S: Final = 3600  # a provider nobody called for an hour has no recent latency
+
+
+@dataclass(frozen=True)
+class BoardView:
+    """What a batch reads once: every provider's breaker, and the p95 of its shared recent latencies (absent where
+    no worker called it lately, or Redis could not be read)."""
+
+    states: dict[str, BreakerState]
+    p95_s: dict[str, float]
 
 
 class BreakerBoard:
@@ -60,8 +77,15 @@ class BreakerBoard:
     def _key(self, provider: str, suffix: str = "") -> str:
         return f"{self.prefix}notify:breaker:{provider}{':' + suffix if suffix else ''}"
 
+    def _latency_key(self, provider: str) -> str:
+        return f"{self.prefix}notify:latency:{provider}"
+
     async def states(self, providers: Iterable[str]) -> dict[str, BreakerState]:
         """Every provider's breaker now; `half_open` only for the one worker that won the probe token."""
+        return (await self.read(providers)).states
+
+    async def read(self, providers: Iterable[str]) -> BoardView:
+        """Breakers and shared latencies of `providers`, in one round trip."""
         names = list(providers)
         now = self.clock()
         seconds = [int(now) - i for i in range(self.policy.window_s)]
@@ -71,13 +95,17 @@ class BreakerBoard:
                 pipe.hgetall(self._key(provider))
                 for second in seconds:
                     pipe.hmget(self._key(provider, str(second)), "calls", "failures")
+            for provider in names:
+                pipe.lrange(self._latency_key(provider), 0, LATENCY_SAMPLE - 1)
             answers = await pipe.execute()
         except (RedisError, OSError) as exc:
             BREAKER_STORE_ERRORS.inc()
             log.warning("breaker store unavailable (%s): every breaker reads as closed", exc)
-            return {p: "closed" for p in names}
+            return BoardView({p: "closed" for p in names}, {})
         out: dict[str, BreakerState] = {}
         step = 1 + len(seconds)
+        shared = answers[len(names) * step:]
+        latencies = {p: [float(v) for v in sample] for p, sample in zip(names, shared, strict=True) if sample}
         for index, provider in enumerate(names):
             stored, *buckets = answers[index * step:(index + 1) * step]
             closed_at = float(stored.get("closed_at", 0))
@@ -91,7 +119,7 @@ class BreakerBoard:
             after = breaker_state(before, calls, failures, now, self.policy)
             out[provider] = await self._settle(provider, before, after, now)
             BREAKER_STATE.labels(provider).set(STATE_VALUE[out[provider]])
-        return out
+        return BoardView(out, {p: p95(sample) for p, sample in latencies.items()})
 
     async def _settle(self, provider: str, before: Breaker, after: Breaker, now: float) -> BreakerState:
         try:
@@ -107,9 +135,11 @@ class BreakerBoard:
             BREAKER_STORE_ERRORS.inc()
         return after.state
 
-    async def record(self, calls: Mapping[str, tuple[int, int]]) -> None:
-        """Add (calls, failures) per provider to the current second's bucket."""
-        if not calls:
+    async def record(self, calls: Mapping[str, tuple[int, int]],
+                     latencies_s: Mapping[str, Sequence[float]] | None = None) -> None:
+        """Add (calls, failures) per provider to the current second's bucket, and the calls' latencies to the
+        providers' shared samples."""
+        if not calls and not latencies_s:
             return
         second = int(self.clock())
         try:
@@ -120,6 +150,12 @@ class BreakerBoard:
                 if failed:
                     pipe.hincrby(key, "failures", failed)
                 pipe.expire(key, self.policy.window_s + 5)
+            for provider, sample in (latencies_s or {}).items():
+                if sample:
+                    key = self._latency_key(provider)
+                    pipe.lpush(key, *(f"{s:.4f}" for s in sample[-LATENCY_SAMPLE:]))
+                    pipe.ltrim(key, 0, LATENCY_SAMPLE - 1)
+                    pipe.expire(key, LATENCY_TTL_S)
             await pipe.execute()
         except (RedisError, OSError):
             BREAKER_STORE_ERRORS.inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.breaker import BreakerBoard
+from pipeline.breaker import LATENCY_SAMPLE, BoardView, BreakerBoard
 from pipeline.config import Settings
 from pipeline.policy.providers import BreakerPolicy
 
@@ -66,6 +66,43 @@ def test_with_redis_unreachable_every_breaker_reads_closed_and_nothing_raises(un
             await board.record({"twilio": (20, 20)})
             await board.probe_done("twilio", succeeded=True)
             assert await board.states(["twilio", "termii"]) == {"twilio": "closed", "termii": "closed"}
+        finally:
+            await board.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_every_worker_routes_on_the_p95_of_every_workers_recent_calls(settings: Settings, unique: str) -> None:
+    async def scenario() -> None:
+        one, two, newcomer = (BreakerBoard.from_url(settings.redis_dsn, POLICY, prefix=f"t{unique}.")
+                              for _ in range(3))
+        try:
+            assert (await newcomer.read(["twilio"])).p95_s == {}  # nobody called it: no shared figure
+            await one.record({"twilio": (50, 0)}, {"twilio": [0.05] * 50})
+            await two.record({"twilio": (50, 0), "termii": (10, 0)},
+                             {"twilio": [0.05] * 45 + [3.0] * 5, "termii": [0.2] * 10})
+            view = await newcomer.read(["twilio", "termii", "fcm"])  # a worker that has made no call of its own
+            assert view.p95_s == {"twilio": 0.05, "termii": 0.2}  # 5 slow of 100: the p95 is still fast
+            await two.record({"twilio": (10, 0)}, {"twilio": [3.0] * 10})  # now 15 of the latest 110
+            assert (await newcomer.read(["twilio"])).p95_s == {"twilio": 3.0}  # too slow for a 2 s OTP, for all
+            await one.record({"twilio": (1, 0)}, {"twilio": [0.04] * (LATENCY_SAMPLE + 10)})
+            assert (await two.read(["twilio"])).p95_s == {"twilio": 0.04}  # only the latest sample counts
+            assert view.states == {"twilio": "closed", "termii": "closed", "fcm": "closed"}
+        finally:
+            await one.client.delete(*(f"t{unique}.notify:latency:{p}" for p in ("twilio", "termii")))
+            for board in (one, two, newcomer):
+                await board.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_with_redis_unreachable_there_is_no_shared_latency_and_each_worker_keeps_its_own(
+        unused_tcp_port: int) -> None:
+    async def scenario() -> None:
+        board = BreakerBoard.from_url(f"redis://127.0.0.1:{unused_tcp_port}/0", POLICY)
+        try:
+            await board.record({"twilio": (1, 0)}, {"twilio": [0.1]})
+            assert await board.read(["twilio"]) == BoardView({"twilio": "closed"}, {})
         finally:
             await board.aclose()
 

@@ -356,3 +356,26 @@ def test_a_marketing_send_whose_consent_was_withdrawn_while_it_waited_is_suppres
     finally:
         with db.connect(fresh.settings) as conn, conn.transaction():
             conn.execute("DELETE FROM user_notification_settings WHERE user_id = ANY(%s)", (list(stored),))
+
+
+def test_an_otp_skips_a_provider_other_workers_found_too_slow_for_its_deadline(fresh: Rig) -> None:
+    async def shared_latency(samples: list[float] | None) -> None:
+        board = fresh.board()
+        try:
+            if samples is None:
+                await board.client.delete(f"{fresh.settings.topic_prefix}notify:latency:twilio")
+            else:  # what other workers' calls to Twilio recorded: 4 s each
+                await board.record({}, {"twilio": samples})
+        finally:
+            await board.aclose()
+
+    asyncio.run(shared_latency([4.0] * 50))
+    try:
+        # 3 s to live: Twilio's shared p95 (4 s) cannot make it, Termii (no figure: fast enough) can
+        [hurried] = fresh.run([make_task(ttl=datetime.timedelta(seconds=3))])
+        [patient] = fresh.run([make_task(ttl=datetime.timedelta(minutes=10))])
+        assert fresh.wait([hurried, patient]) == {hurried: "accepted", patient: "accepted"}
+        assert [e["provider"] for e in fresh.ledger_of([hurried])] == ["termii"]
+        assert [e["provider"] for e in fresh.ledger_of([patient])] == ["twilio"]  # 10 min: Twilio is fine
+    finally:
+        asyncio.run(shared_latency(None))

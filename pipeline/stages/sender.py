@@ -219,6 +219,7 @@ class Sender:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.latencies: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=200))
+        self._shared_p95: dict[str, float] = {}
         self.rng = rng or random.Random()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
@@ -300,7 +301,8 @@ class Sender:
             ctx.observe_queue_latency(job.task.get("created_at"), now)
             ctx.emit(job.task, "sending", channel=job.key[1], attempt=job.attempt_no, at=now)
         if jobs:
-            breakers = await self.board.states(self.providers)
+            view = await self.board.read(self.providers)
+            breakers, self._shared_p95 = view.states, view.p95_s  # batches run one at a time
             probes = {p for p, state in breakers.items() if state == "half_open"}
             self._in_flight.inc(len(jobs))
             try:
@@ -392,7 +394,11 @@ class Sender:
             remaining = (task["expires_at"] - utcnow()).total_seconds()
         # A half-open provider takes one probe per worker and batch; the other sends treat it as open.
         seen = {p: ("open" if state == "half_open" and p not in probes else state) for p, state in breakers.items()}
-        chosen = policy.candidates(order, seen, {p: policy.p95(self.latencies[p]) for p in order}, remaining)
+        # The workers' shared p95 (Redis); this worker's own sample when the board had none (Redis away, or the
+        # provider not called lately by anyone).
+        shared = self._shared_p95
+        chosen = policy.candidates(order, seen, {p: shared[p] if p in shared else policy.p95(self.latencies[p])
+                                                 for p in order}, remaining)
         for tried, provider in enumerate(chosen, start=1):
             probing = seen.get(provider) == "half_open"
             if probing:
@@ -554,7 +560,10 @@ class Sender:
         for _, call in calls:
             counts[call.outcome.provider][0] += 1
             counts[call.outcome.provider][1] += policy.counts_against_provider(call.outcome.kind, call.outcome.reason)
-        await self.board.record({p: (c, f) for p, (c, f) in counts.items()})
+        latencies: dict[str, list[float]] = collections.defaultdict(list)
+        for _, call in calls:
+            latencies[call.outcome.provider].append(call.outcome.latency_s)
+        await self.board.record({p: (c, f) for p, (c, f) in counts.items()}, latencies)
         for job, state, code, message in zip(jobs, states, codes, messages, strict=True):
             channel = job.key[1]
             if job.key not in mine:
