@@ -46,6 +46,7 @@ from pipeline import kafka, metrics, serde, topics
 from pipeline.config import Settings
 from pipeline.domain import (
     CHANNELS,
+    CRITICAL_TYPES,
     MAX_ID_LENGTH,
     MAX_USER_ID_LENGTH,
     NOTIFICATION_TYPES,
@@ -70,7 +71,8 @@ POLL_INTERVAL_S: Final = 0.1
 PLATFORMS: Final = ("android", "ios", "web")
 REQUEST_FIELDS: Final = frozenset({
     "notification_id", "idempotency_key", "user_id", "type", "channels", "recipient", "template_id",
-    "template_params", "content", "locale", "created_at", "expires_at", "source_service", "correlation_id"})
+    "template_params", "content", "locale", "created_at", "expires_at", "source_service", "correlation_id",
+    "collapse_key"})
 
 ACK_SECONDS = metrics.histogram(
     "notify_produce_ack_seconds", "From produce() to the broker's acknowledgement (or failure) of a request.",
@@ -204,8 +206,14 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
     for field, longest in (("idempotency_key", MAX_ID_LENGTH), ("user_id", MAX_USER_ID_LENGTH),
                            ("source_service", MAX_ID_LENGTH)):
         _text(get(field), field, problems, required=True, max_length=longest)
-    for field in ("template_id", "correlation_id"):
+    for field in ("template_id", "correlation_id", "collapse_key"):
         _text(get(field), field, problems, required=False, max_length=MAX_ID_LENGTH)
+    if get("collapse_key") is not None and get("type") in CRITICAL_TYPES:
+        # A newer OTP or fraud alert must never make an older one vanish unread: latest-wins is for the rest.
+        problems.append(FieldProblem("collapse_key", f"not for {get('type')} notifications (critical types are "
+                                                     "each delivered)"))
+    elif isinstance(collapse := get("collapse_key"), str) and not collapse.strip():
+        problems.append(FieldProblem("collapse_key", "must not be blank (leave it out for no collapsing)"))
     locale = "en" if get("locale") is None else get("locale")
     _text(locale, "locale", problems, required=True, max_length=35)
 
@@ -272,7 +280,7 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
         "type": kind, "channels": list(channels), "recipient": recipient, "template_id": get("template_id"),
         "template_params": dict(params), "content": content, "locale": locale,
         "created_at": created_at, "expires_at": expires_at, "source_service": get("source_service"),
-        "correlation_id": get("correlation_id"),
+        "correlation_id": get("correlation_id"), "collapse_key": get("collapse_key"),
     }
 
 

@@ -228,3 +228,13 @@ def test_whatever_the_client_accepts_intake_accepts(user_id: str, key: str, sour
     codec = serde.AvroSerde()
     decoded = codec.decode(codec.encode(serde.NOTIFICATION_REQUEST, value), expected=serde.NOTIFICATION_REQUEST)
     assert intake.problems(decoded.value) == []
+
+
+def test_a_collapse_key_is_for_non_critical_types_and_never_blank() -> None:
+    assert normalize_request(otp("u", type="price_alert", template_id="price_alert.default",
+                                 template_params={}, collapse_key="BTC"))["collapse_key"] == "BTC"
+    assert normalize_request(otp("u"))["collapse_key"] is None
+    assert problems_of(otp("u", collapse_key="login")) == {
+        "collapse_key": "not for otp notifications (critical types are each delivered)"}
+    assert problems_of(otp("u", type="price_alert", template_id="price_alert.default", collapse_key=" ")) == {
+        "collapse_key": "must not be blank (leave it out for no collapsing)"}

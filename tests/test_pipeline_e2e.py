@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from harness import Pipeline, bearer, read_topic, serving, start_pipeline
+from harness import Pipeline, bearer, read_topic, serving, start_pipeline, topic_records
 
 from pipeline import db, quarantine, serde, topics
 from pipeline.config import Settings
@@ -84,6 +84,21 @@ def test_marketing_goes_only_where_the_user_consented_and_nowhere_without_consen
                                                                ("sms", "suppressed", "no_consent")]
     assert pipeline.deliveries(cold["notification_id"]) == [("email", "suppressed", "no_consent"),
                                                             ("sms", "suppressed", "no_consent")]
+
+
+def test_a_collapse_key_is_stored_with_the_notification_and_carried_on_its_task_to_the_sender(
+        pipeline: Pipeline) -> None:
+    alert = pipeline.request(user(), "price_alert", channels=["email"], collapse_key="BTC")
+    pipeline.produce(alert)
+    nid = alert["notification_id"]
+    pipeline.wait_for(lambda: "queued" in pipeline.statuses(nid), what="the alert queued")
+    with db.connect(pipeline.settings) as conn:
+        stored = conn.execute("SELECT collapse_key FROM notifications WHERE notification_id = %s", (nid,)).fetchone()
+    assert stored == ("BTC",)
+    codec = serde.AvroSerde()
+    tasks = [codec.decode(r.value(), expected=serde.DELIVERY_TASK).value
+             for r in topic_records(pipeline.settings, topics.send_topic("email", "bulk"))]
+    assert [t["collapse_key"] for t in tasks if str(t["notification_id"]) == nid] == ["BTC"]
 
 
 def test_the_fourth_non_critical_sms_within_the_hour_is_rate_limited(pipeline: Pipeline) -> None:

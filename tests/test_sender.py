@@ -379,3 +379,29 @@ def test_an_otp_skips_a_provider_other_workers_found_too_slow_for_its_deadline(f
         assert [e["provider"] for e in fresh.ledger_of([patient])] == ["twilio"]  # 10 min: Twilio is fine
     finally:
         asyncio.run(shared_latency(None))
+
+
+def test_a_newer_price_alert_of_the_same_asset_supersedes_an_unsent_older_one_and_never_recalls_a_sent_one(
+        fresh: Rig) -> None:
+    user_id, now = f"pa-{uuid.uuid4().hex[:10]}", datetime.datetime.now(datetime.UTC)
+
+    def alert(key: str | None, age_s: float, kind: str = "price_alert") -> dict[str, Any]:
+        task = make_task(notification_type=kind, channel="sms", user_id=user_id, collapse_key=key)
+        task["created_at"] = (now - datetime.timedelta(seconds=age_s)).replace(microsecond=0)
+        return task
+
+    sent_first = alert("ETH", 60)
+    [eth_old] = fresh.run([sent_first])
+    assert fresh.wait([eth_old]) == {eth_old: "accepted"}
+    # in one batch: two BTC alerts (the older is stale), a newer ETH (the older one is already out), an unkeyed
+    # alert, and a security notice that carries a key anyway (a producer writing to Kafka directly)
+    btc_old, btc_new, eth_new, plain, security = (alert("BTC", 30), alert("BTC", 10), alert("ETH", 5),
+                                                   alert(None, 20), alert("BTC", 40, kind="security"))
+    ids = fresh.run([btc_old, btc_new, eth_new, plain, security])
+    seen = fresh.wait(ids, done=("accepted", "suppressed"))
+    assert [seen[t["notification_id"]] for t in (btc_old, btc_new, eth_new, plain, security)] == [
+        "suppressed", "accepted", "accepted", "accepted", "accepted"]
+    assert fresh.rows([btc_old["notification_id"]])[btc_old["notification_id"]][4] == "superseded"
+    assert fresh.rows([eth_old])[eth_old][0] == "accepted"  # sent before the newer one came: not recalled
+    sent = collections.Counter(e["notification_id"] for e in fresh.ledger_of([eth_old, *ids]))
+    assert sent == {nid: 1 for nid in [eth_old, *ids] if nid != btc_old["notification_id"]}

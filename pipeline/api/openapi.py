@@ -87,6 +87,12 @@ _SCHEMAS: dict[str, Any] = {
                                "pattern": _NOT_BLANK,
                                "description": "Producing service; defaults to the API key's service."},
             "correlation_id": {"type": ["string", "null"], "maxLength": MAX_ID_LENGTH},
+            "collapse_key": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_ID_LENGTH,
+                             "pattern": _NOT_BLANK,
+                             "description": "Latest wins (not for otp, security or transaction: 422): a newer "
+                                            "notification of the same user, type and key (e.g. the asset of a "
+                                            "price alert) replaces this one while it is unsent; it then ends "
+                                            "suppressed, reason superseded. One already sent is not recalled."},
         },
     },
     "Recipient": {

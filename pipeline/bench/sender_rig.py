@@ -48,10 +48,12 @@ def make_task(*, notification_type: str = "otp", channel: str = "sms", user_id: 
 
 SEED_NOTIFICATIONS = """
 INSERT INTO notifications (notification_id, user_id, notification_type, idempotency_key, lane, source_service,
-    requested_channels, created_at, expires_at)
-SELECT k.id, k.user_id, k.type, k.id::text, k.lane, 'bench-send', ARRAY[k.channel], k.created_at, k.expires_at
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
-    AS k(id, user_id, type, lane, channel, created_at, expires_at)
+    requested_channels, created_at, expires_at, collapse_key)
+SELECT k.id, k.user_id, k.type, k.id::text, k.lane, 'bench-send', ARRAY[k.channel], k.created_at, k.expires_at,
+    k.collapse_key
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],
+            %s::text[])
+    AS k(id, user_id, type, lane, channel, created_at, expires_at, collapse_key)
 ON CONFLICT DO NOTHING
 """
 SEED_DELIVERIES = """
@@ -69,7 +71,7 @@ def seed(settings: Settings, tasks: Sequence[Mapping[str, Any]]) -> None:
             conn.execute(SEED_NOTIFICATIONS, (
                 [t["notification_id"] for t in chunk], [t["user_id"] for t in chunk], [t["type"] for t in chunk],
                 [t["lane"] for t in chunk], [t["channel"] for t in chunk], [t["created_at"] for t in chunk],
-                [t["expires_at"] for t in chunk]))
+                [t["expires_at"] for t in chunk], [t.get("collapse_key") for t in chunk]))
             conn.execute(SEED_DELIVERIES, ([t["notification_id"] for t in chunk], [t["channel"] for t in chunk],
                                            ["queued"] * len(chunk),
                                            [codec.encode(serde.DELIVERY_TASK, t) for t in chunk]))

@@ -34,14 +34,14 @@ CLAIM_NOTIFICATIONS = """
 WITH input AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(users)s::text[], %(types)s::text[], %(keys)s::text[], %(lanes)s::text[],
                          %(sources)s::text[], %(correlations)s::text[], %(channels)s::text[],
-                         %(created)s::timestamptz[], %(expires)s::timestamptz[])
+                         %(created)s::timestamptz[], %(expires)s::timestamptz[], %(collapse)s::text[])
         AS k(notification_id, user_id, notification_type, idempotency_key, lane, source_service, correlation_id,
-             channels, created_at, expires_at)
+             channels, created_at, expires_at, collapse_key)
 ), inserted AS (
     INSERT INTO notifications (notification_id, user_id, notification_type, idempotency_key, lane, source_service,
-                               correlation_id, requested_channels, created_at, expires_at)
+                               correlation_id, requested_channels, created_at, expires_at, collapse_key)
     SELECT notification_id, user_id, notification_type, idempotency_key, lane, source_service, correlation_id,
-           string_to_array(channels, ','), created_at, expires_at
+           string_to_array(channels, ','), created_at, expires_at, NULLIF(collapse_key, '')
     FROM input
     ON CONFLICT DO NOTHING
     RETURNING notification_id
@@ -107,6 +107,7 @@ async def claim_keys(ctx: StageContext, candidates: list[Candidate]) -> dict[str
         "correlations": [r.get("correlation_id") for r in requests],
         "channels": [",".join(r.get("channels") or ()) for r in requests],
         "created": [r["created_at"] for r in requests], "expires": [r.get("expires_at") for r in requests],
+        "collapse": [r.get("collapse_key") for r in requests],
     }
     pool = await db.async_pool(ctx.settings)
     async with pool.connection() as conn:

@@ -56,6 +56,7 @@ def delivery_task(request: dict[str, Any], target: Any, lane: str) -> dict[str, 
         "created_at": request["created_at"],
         "expires_at": request.get("expires_at"),
         "correlation_id": request.get("correlation_id"),
+        "collapse_key": request.get("collapse_key"),
     }
 
 

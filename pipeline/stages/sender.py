@@ -44,7 +44,7 @@ from connectors.factory import create_connector
 from pipeline import db, metrics, serde, topics
 from pipeline.breaker import BreakerBoard
 from pipeline.domain import CHANNELS
-from pipeline.policy import cost, recovery
+from pipeline.policy import cost, latest, recovery
 from pipeline.policy import providers as policy
 from pipeline.policy.preferences import CONSENT_REQUIRED, consent_refusal
 from pipeline.policy.regions import NO_PHONE, CountryLabels
@@ -108,6 +108,15 @@ WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.stat
 RETURNING d.notification_id::text, d.channel
 """
 CONSENT_OF = "SELECT user_id, category_settings FROM user_notification_settings WHERE user_id = ANY(%s)"
+LATEST_OF = """
+SELECT DISTINCT ON (n.user_id, n.notification_type, n.collapse_key)
+       n.user_id, n.notification_type, n.collapse_key, n.created_at, n.notification_id::text
+FROM notifications n
+JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(user_id, notification_type, collapse_key)
+  ON n.user_id = k.user_id AND n.notification_type = k.notification_type AND n.collapse_key = k.collapse_key
+WHERE n.collapse_key IS NOT NULL
+ORDER BY n.user_id, n.notification_type, n.collapse_key, n.created_at DESC, n.notification_id DESC
+"""
 WITHDRAWN = """
 UPDATE deliveries d SET state = 'suppressed', last_error_code = k.reason, final_at = now(), next_attempt_at = NULL
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(reasons)s::text[]) AS k(notification_id, channel, reason)
@@ -286,7 +295,8 @@ class Sender:
 
         pool = await db.async_pool(self.settings)
         async with pool.connection() as conn:
-            withdrawn = await self._withdrawn_consent(conn, tasks, to_claim)
+            withdrawn = {**await self._withdrawn_consent(conn, tasks, to_claim),
+                         **await self._superseded(conn, tasks, to_claim)}
             to_claim = [k for k in to_claim if k not in withdrawn]
             gone = await self._settle_unsent(conn, tasks, expired, unsendable, withdrawn)
             rows = await (await conn.execute(CLAIM, {
@@ -326,6 +336,17 @@ class Sender:
         refused = {k: consent_refusal({"categories": stored[tasks[k]["user_id"]]}, tasks[k]["type"], k[1])
                    for k in asking if tasks[k]["user_id"] in stored}
         return {k: reason for k, reason in refused.items() if reason is not None}
+
+    async def _superseded(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
+                          keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The tasks a newer notification of their collapse key replaces (key -> "superseded")."""
+        groups = {k: g for k in keys if (g := latest.collapse_group(tasks[k])) is not None}
+        if not groups:
+            return {}
+        asked = list(set(groups.values()))
+        rows = await (await conn.execute(LATEST_OF, tuple(map(list, zip(*asked, strict=True))))).fetchall()
+        newest: dict[tuple[str, str, str], latest.Latest] = {(u, t, c): (at, nid) for u, t, c, at, nid in rows}
+        return {k: "superseded" for k, group in groups.items() if latest.is_superseded(tasks[k], newest.get(group))}
 
     async def _settle_unsent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
                              expired: Iterable[tuple[str, str]],
