@@ -208,7 +208,7 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
         _text(get(field), field, problems, required=True, max_length=longest)
     for field in ("template_id", "correlation_id", "collapse_key"):
         _text(get(field), field, problems, required=False, max_length=MAX_ID_LENGTH)
-    if get("collapse_key") is not None and get("type") in CRITICAL_TYPES:
+    if get("collapse_key") is not None and isinstance(get("type"), str) and get("type") in CRITICAL_TYPES:
         # A newer OTP or fraud alert must never make an older one vanish unread: latest-wins is for the rest.
         problems.append(FieldProblem("collapse_key", f"not for {get('type')} notifications (critical types are "
                                                      "each delivered)"))

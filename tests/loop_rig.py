@@ -157,14 +157,16 @@ def delivered(rig: LoopRig, ids: Sequence[str]) -> int:
 
 
 def final_events(rig: LoopRig, ids: Sequence[str]) -> collections.Counter[tuple[str, str]]:
+    """Final events per (notification, status), counted by event id: a record Kafka took twice (its first ack lost
+    in a broker crash, then produced again) is one event, which a consumer recognises by its event_id."""
     codec = serde.AvroSerde()
-    finals: collections.Counter[tuple[str, str]] = collections.Counter()
+    seen: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
     mine = set(ids)
     for message in rig.events.snapshot():
         event = codec.decode(message.value(), expected=serde.DELIVERY_EVENT).value
         if str(event["notification_id"]) in mine and event["status"] in ("delivered", "failed", "dead_lettered"):
-            finals[str(event["notification_id"]), event["status"]] += 1
-    return finals
+            seen[str(event["notification_id"]), event["status"]].add(str(event["event_id"]))
+    return collections.Counter({key: len(events) for key, events in seen.items()})
 
 
 def assert_each_once(rig: LoopRig, ids: Sequence[str]) -> None:
@@ -176,7 +178,9 @@ def assert_each_once(rig: LoopRig, ids: Sequence[str]) -> None:
     deadline = time.monotonic() + 30  # the events reader follows the topic a little behind
     while (finals := final_events(rig, ids)) != expected and time.monotonic() < deadline:
         time.sleep(1)
-    assert finals == expected
+    assert finals == expected, (f"{len(set(expected) - set(finals))} without their final event, e.g. "
+                                f"{sorted(set(expected) - set(finals))[:3]}; ended otherwise or more than once: "
+                                f"{[(k, n) for k, n in finals.items() if expected.get(k) != n][:5]}")
     assert read_topic(rig.settings, topics.INVALID, 2) == []
 
 

@@ -33,7 +33,7 @@ from pipeline.stack.kafka import KafkaService
 
 STAGES = ("intake", "preferences", "routing", "sender", "retry", "receipts")
 BROKER_DOWN_S = 15
-BURST = 600
+BURST = 2000
 
 
 class OwnBroker:
@@ -88,7 +88,7 @@ def test_the_broker_sigkilled_mid_burst_and_restarted_loses_nothing_and_repeats_
     for provider in ("twilio", "termii", "sendgrid", "mailgun"):
         rig.sim.configure(provider, delivery_delay_ms=100)
     ids = produce_requests(rig.settings, requests(BURST, "fault-kafka"))
-    wait_until("a first share sent", lambda: len(rig.ledger_of(ids)) >= 40, 90)
+    wait_until("the first sends", lambda: len(rig.ledger_of(ids)) >= 1, 90)
     broker.kill()  # mid-burst: requests queued, sends in flight, receipts arriving
     ledger_at_kill = len(rig.ledger_of(ids))
     time.sleep(BROKER_DOWN_S)

@@ -52,7 +52,7 @@ def full_values() -> dict[str, dict[str, Any]]:
             "recipient": {"phone": "+2348012345678", "email": "ada@example.com", "device_tokens": [TOKEN]},
             "template_id": "debit_alert", "template_params": {"amount": "NGN 5,000.00", "balance": "NGN 9"},
             "content": None, "locale": "en-NG", "created_at": NOW, "expires_at": NOW + timedelta(minutes=5),
-            "source_service": "core-banking", "correlation_id": "req-1",
+            "source_service": "core-banking", "correlation_id": "req-1", "collapse_key": "acct-1",
         },
         DELIVERY_EVENT: {
             "event_id": OTHER_ID, "notification_id": ID, "user_id": "user-42", "notification_type": "otp",
@@ -74,6 +74,7 @@ def full_values() -> dict[str, dict[str, Any]]:
             "template_params": {},
             "content": {"subject": "New sign-in", "body": "A new device signed in to your account."},
             "locale": "en", "attempt": 3, "created_at": NOW, "expires_at": None, "correlation_id": None,
+            "collapse_key": None,
         },
         PROVIDER_RECEIPT: {
             "provider": "sendgrid", "provider_message_id": "sg-abc.filter0001", "notification_id": ID,
@@ -226,16 +227,16 @@ def test_ids_and_times_decode_as_uuid_and_aware_utc(single: AvroSerde) -> None:
 
 def test_data_of_an_older_release_reads_with_the_current_schema(tmp_path: Path) -> None:
     schemas_dir = copy_schemas(tmp_path)
-    old = without_fields(schema_json(NOTIFICATION_REQUEST), "locale", "correlation_id")
+    old = without_fields(schema_json(NOTIFICATION_REQUEST), "locale", "correlation_id", "collapse_key")
     history = schemas_dir / "history" / NOTIFICATION_REQUEST
     (history / "1.avsc").rename(history / "2.avsc")
     (history / "1.avsc").write_text(json.dumps(old))
-    value = without_keys(full_values()[NOTIFICATION_REQUEST], "locale", "correlation_id")
+    value = without_keys(full_values()[NOTIFICATION_REQUEST], "locale", "correlation_id", "collapse_key")
 
     decoded = AvroSerde(schemas_dir).decode(single_object(old, value))
 
     assert decoded.record == NOTIFICATION_REQUEST
-    assert decoded.value == {**value, "locale": "en", "correlation_id": None}
+    assert decoded.value == {**value, "locale": "en", "correlation_id": None, "collapse_key": None}
 
 
 def test_data_of_an_older_registered_schema_reads_with_the_current_schema(confluent: AvroSerde) -> None:
