@@ -5,7 +5,9 @@ Per batch (up to NOTIFY_SENDER_MAX_IN_FLIGHT tasks, every channel of the lane):
 1. Decode (undecodable -> quarantine), drop tasks whose notification expired (row -> `expired`) and render each
    task's content (an unknown template fails the row for good: a retry cannot fix it). For a type that needs
    consent (marketing), ask the user's stored settings once more (one statement per batch): a consent withdrawn
-   while the message waited in a queue suppresses the row (`no_consent` or `opted_out`) instead of sending.
+   while the message waited in a queue suppresses the row (`no_consent` or `opted_out`) instead of sending. For a
+   task with a collapse key, ask for the latest notification of its key (one statement per batch): a task that a
+   newer one replaces is suppressed (`superseded`).
 2. Claim every task in one statement: `queued` (or a `retry_scheduled` row that is due) -> `sending` with a lease
    and attempt_count + 1. A task whose row is not claimable (already sending, accepted, final: a redelivery, a
    replay or a second worker after a rebalance) is skipped: nothing is sent twice.
