@@ -247,21 +247,21 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
             _text(content.get("subject"), "content.subject", problems, required=False, max_length=998)
             _text(content.get("body"), "content.body", problems, required=True)
             content = {"subject": content.get("subject"), "body": content.get("body")}
+    body = content.get("body") if isinstance(content, dict) else None
     if (get("template_id") is None) == (content is None):
         problems.append(FieldProblem("template_id", "give exactly one of template_id and content"))
     elif content is None and isinstance(get("template_id"), str) and isinstance(locale, str):
-        try:  # a template the sender could not render is refused now, not failed after a 202
-            templates.check(get("template_id"), locale, params)
+        try:  # what the sender would render, rendered now: a template it could not render is refused, not failed
+            body = templates.render({"content": None, "template_id": get("template_id"), "locale": locale,
+                                     "template_params": params}).body
         except templates.TemplateError as error:
             field = "template_id" if error.code == "unknown_template" else "template_params"
             problems.append(FieldProblem(field, str(error)))
-    if not problems and (not channels or "sms" in channels):  # SMS asked for, or possible by preference
-        body = templates.render({"content": content, "template_id": get("template_id"), "locale": locale,
-                                 "template_params": params}).body
-        if (length := templates.sms_length(body)) > templates.MAX_SMS_CHARS:
-            problems.append(FieldProblem("content.body" if content is not None else "template_params",
-                                         f"the SMS would be {length} characters; SMS providers take at most "
-                                         f"{templates.MAX_SMS_CHARS}"))
+    sms_possible = not channels or "sms" in channels  # asked for, or possible by preference
+    if isinstance(body, str) and sms_possible and (length := templates.sms_length(body)) > templates.MAX_SMS_CHARS:
+        problems.append(FieldProblem("content.body" if content is not None else "template_params",
+                                     f"the SMS would be {length} characters; SMS providers take at most "
+                                     f"{templates.MAX_SMS_CHARS}"))
 
     created_at = get("created_at")
     if created_at is None:

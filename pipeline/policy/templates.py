@@ -67,11 +67,6 @@ def _texts(template_id: str | None, locale: str | None, params: Mapping[str, Any
     return subject, body
 
 
-def check(template_id: str | None, locale: str | None, params: Mapping[str, Any]) -> None:
-    """Raise TemplateError if `render` would: the API refuses such a request at once instead of failing it later."""
-    _texts(template_id, locale, params)
-
-
 def one_line(subject: str | None) -> str | None:
     """An email subject is one header line: a CR or LF in it (a caller's, or a template parameter's) would be a
     header injection at a provider that builds MIME itself, so line breaks fold into single spaces."""

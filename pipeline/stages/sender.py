@@ -119,7 +119,7 @@ JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(user_id, notification_type,
 WHERE n.collapse_key IS NOT NULL
 ORDER BY n.user_id, n.notification_type, n.collapse_key, n.created_at DESC, n.notification_id DESC
 """
-WITHDRAWN = """
+SUPPRESS_UNSENT = """
 UPDATE deliveries d SET state = 'suppressed', last_error_code = k.reason, final_at = now(), next_attempt_at = NULL
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(reasons)s::text[]) AS k(notification_id, channel, reason)
 WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.state IN ('queued', 'retry_scheduled')
@@ -297,10 +297,10 @@ class Sender:
 
         pool = await db.async_pool(self.settings)
         async with pool.connection() as conn:
-            withdrawn = {**await self._withdrawn_consent(conn, tasks, to_claim),
+            suppress = {**await self._withdrawn_consent(conn, tasks, to_claim),
                          **await self._superseded(conn, tasks, to_claim)}
-            to_claim = [k for k in to_claim if k not in withdrawn]
-            gone = await self._settle_unsent(conn, tasks, expired, unsendable, withdrawn)
+            to_claim = [k for k in to_claim if k not in suppress]
+            gone = await self._settle_unsent(conn, tasks, expired, unsendable, suppress)
             rows = await (await conn.execute(CLAIM, {
                 "owner": self.owner, "lease_s": self.settings.sender_lease_s,
                 "ids": [k[0] for k in to_claim], "channels": [k[1] for k in to_claim]})).fetchall()
@@ -353,14 +353,14 @@ class Sender:
     async def _settle_unsent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
                              expired: Iterable[tuple[str, str]],
                              unsendable: Mapping[tuple[str, str], TemplateError],
-                             withdrawn: Mapping[tuple[str, str], str]) -> int:
+                             suppress: Mapping[tuple[str, str], str]) -> int:
         expired = list(expired)
         done = 0
-        if withdrawn:
-            keys = list(withdrawn)
-            rows = await (await conn.execute(WITHDRAWN, {
+        if suppress:  # consent withdrawn, or superseded: the reason is the row's code
+            keys = list(suppress)
+            rows = await (await conn.execute(SUPPRESS_UNSENT, {
                 "ids": [k[0] for k in keys], "channels": [k[1] for k in keys],
-                "reasons": [withdrawn[k] for k in keys]})).fetchall()
+                "reasons": [suppress[k] for k in keys]})).fetchall()
             for nid, channel, reason in rows:
                 self.ctx.emit(tasks[(nid, channel)], "suppressed", channel=channel, error_code=reason)
                 self._deliveries(channel, "suppressed").inc()
