@@ -45,7 +45,8 @@ log = logging.getLogger("notify.reconcile")
 
 LOST_AT_PROVIDER = "lost_at_provider"  # the DLQ reason of an accepted row its provider no longer knows
 LOCK_KEY = 0x6E6F7469667972  # pg advisory lock id of the reconciler ("notifyr")
-SWEEP_LIMIT = 500  # rows per state and round: a round stays bounded however much is stuck
+SWEEP_PAGE = 500  # rows read and resolved at a time: a page's provider lookups run concurrently
+SWEEP_PAGES = 40  # pages per state and round (20,000 rows): a round stays bounded however much is stuck
 # A lookup by reference matches recipient and content between the claim and the end of the lease (or the recorded
 # `unknown`), widened by the providers' one-second grain and clock skew: wide enough to find ours, narrow enough
 # not to take a neighbouring identical message for it.
@@ -127,14 +128,27 @@ class Reconciler:
         for stuck, where in STATES:
             if self.only is not None:
                 where = f"{where} AND d.notification_id = ANY(%(only)s::uuid[])"
-            async with pool.connection() as conn:
-                rows = await deliveries.fetch(conn, f"{where} ORDER BY d.updated_at LIMIT {SWEEP_LIMIT}", params)
-            rows = [r for r in rows if (r.notification_id, r.channel) not in done]  # once per round
-            done.update((r.notification_id, r.channel) for r in rows)
-            results = await asyncio.gather(*(self._resolve(pool, stuck, row) for row in rows))
-            for action in results:
-                summary.actions[f"{stuck}:{action}"] += 1
-            await self.ctx.settle()
+            # Pages in (updated_at, id, channel) order, each after the last one read: a row left as it was (its
+            # provider could not be asked) never holds back the rows behind it, and a row this round moved is
+            # out of its stuck state (or of the page order) and is not read again.
+            after: dict[str, Any] = {}
+            for _page in range(SWEEP_PAGES):
+                keyset = (" AND (d.updated_at, d.notification_id, d.channel) > "
+                          "(%(after_at)s, %(after_id)s::uuid, %(after_channel)s)") if after else ""
+                async with pool.connection() as conn:
+                    page = await deliveries.fetch(
+                        conn, f"{where}{keyset} ORDER BY d.updated_at, d.notification_id, d.channel "
+                              f"LIMIT {SWEEP_PAGE}", {**params, **after})
+                rows = [r for r in page if (r.notification_id, r.channel) not in done]  # once per round
+                done.update((r.notification_id, r.channel) for r in rows)
+                results = await asyncio.gather(*(self._resolve(pool, stuck, row) for row in rows))
+                for action in results:
+                    summary.actions[f"{stuck}:{action}"] += 1
+                await self.ctx.settle()
+                if len(page) < SWEEP_PAGE:
+                    break
+                last = page[-1]
+                after = {"after_at": last.updated_at, "after_id": last.notification_id, "after_channel": last.channel}
         return summary
 
     async def _resolve(self, pool: Any, stuck: str, row: deliveries.DeliveryRow) -> str:

@@ -25,7 +25,7 @@ def test_a_small_bench_run_completes_every_phase_exactly_once_and_leaves_nothing
         [sys.executable, "-m", "pipeline", "bench", "--requests", str(REQUESTS), "--api-share", "0.2",
          "--idle-otps", "3", "--backlog", "200", "--otps", "5", "--baseline", "--report", str(report)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-8000:]
     token = next(line.split()[2].rstrip(":") for line in done.stdout.splitlines() if line.startswith("notify bench "))
 
     results = json.loads((report / "results.json").read_text())

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from loop_rig import LoopRig, start_loop
 
-from pipeline import db, dlq
+from pipeline import db, dlq, reconcile
 from pipeline.bench.sender_rig import make_task, seed
 from pipeline.config import Settings
 from pipeline.stages import retry
@@ -162,6 +162,18 @@ def test_reconciliation_resolves_each_stuck_state_against_the_providers(rig: Loo
     # "never arrived" is re-sent through the send topic, where the claim holds: exactly one message
     assert rig.wait([never_sent["notification_id"]]) == {never_sent["notification_id"]: "delivered"}
     assert len(rig.ledger_of([never_sent["notification_id"], accepted])) == 2
+
+
+def test_a_round_pages_through_more_stuck_rows_than_one_page_holds(
+        rig: LoopRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    rig.sim.configure("sendgrid", lost_receipts=1.0)
+    ids = rig.run([make_task(notification_type="portfolio", channel="email", ttl=None) for _ in range(12)])
+    assert set(rig.wait(ids, done=("accepted",)).values()) == {"accepted"}
+    time.sleep(0.5)  # past the simulated delivery
+    monkeypatch.setattr(reconcile, "SWEEP_PAGE", 5)  # 12 rows: pages of 5, 5 and 2 in one round
+    assert rig.reconcile(ids)["resolved"] == {"accepted:delivered": 12}
+    assert set(rig.rows(ids)[nid]["state"] for nid in ids) == {"delivered"}
+    assert len(rig.ledger_of(ids)) == 12  # asked, never sent again
 
 
 def test_an_accepted_delivery_its_provider_no_longer_knows_goes_to_the_dlq_and_is_not_re_sent(rig: LoopRig) -> None:

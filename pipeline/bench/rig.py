@@ -37,7 +37,19 @@ class BenchError(NotifyError):
     """The benchmark could not run (bad arguments, processes that never became ready)."""
 
 
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a process's log, indented, for an error that says why a run stopped."""
+    try:
+        text = path.read_bytes()[-20_000:].decode("utf-8", "replace")
+    except OSError as exc:
+        return f"    ({path}: {exc.strerror})"
+    return "\n".join(f"    {line}" for line in text.splitlines()[-lines:]) or f"    ({path} is empty)"
+
+
 # ------------------------------------------------------------------------------------------------ the workers
+
+
+_handed_out: set[int] = set()  # ports this process gave out: free when checked, maybe not bound yet
 
 
 def free_port_block(size: int = 1 + 2 * 7) -> int:  # the API, then every (stage, lane) of the worker
@@ -47,9 +59,13 @@ def free_port_block(size: int = 1 + 2 * 7) -> int:  # the API, then every (stage
     just above a free base), and blocks are drawn below Linux's ephemeral range (32768 and up by default), where
     the kernel would otherwise hand our ports to outgoing connections between this check and the bind.
     """
+    if len(_handed_out) > 6_000:  # a long test session: the oldest blocks are bound (or gone) by now
+        _handed_out.clear()
     while True:
         base = random.randrange(20_000, 32_000 - size)
-        if all(_port_free(port) for port in range(base, base + size + 1)):
+        block = range(base, base + size + 1)
+        if _handed_out.isdisjoint(block) and all(_port_free(port) for port in block):
+            _handed_out.update(block)
             return base
 
 
@@ -169,6 +185,7 @@ class ApiProcess:
     process: subprocess.Popen[bytes]
     port: int
     log: IO[bytes]
+    log_path: Path
 
     @classmethod
     def start(cls, settings: Settings, port: int, env: Mapping[str, str], log_path: Path) -> ApiProcess:
@@ -176,7 +193,7 @@ class ApiProcess:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "api", "--port", str(port)],
                                    env={**os.environ, **env}, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        api = cls(process, port, log)
+        api = cls(process, port, log, log_path)
         deadline = time.monotonic() + 60
         while health.probe(f"http://127.0.0.1:{port}/health/ready", 2)[0] != 200:
             if time.monotonic() > deadline or process.poll() is not None:

@@ -47,7 +47,7 @@ from pipeline.api.keys import create_key
 from pipeline.bench import load
 from pipeline.bench.load import KafkaLoad, Timeline, TopicClock
 from pipeline.bench.procs import Box, BoxSample, Usage, usage
-from pipeline.bench.rig import ApiProcess, BenchDatabase, BenchError, Spread, Workers, free_port_block
+from pipeline.bench.rig import ApiProcess, BenchDatabase, BenchError, Spread, Workers, free_port_block, log_tail
 from pipeline.bench.sender_rig import SimulatorProcess
 from pipeline.config import Settings
 from pipeline.domain import STAGES
@@ -111,6 +111,18 @@ class Rig:
 
     def alive(self) -> bool:
         return (self.workers is None or self.workers.alive()) and (self.api is None or self.api.process.poll() is None)
+
+    def why(self) -> str:
+        """Each process's exit code (or "running") and the end of its log: what a failed run says."""
+        parts = []
+        if self.workers is not None:
+            parts.append(f"  workers ({self.workers.process.poll() or 'running'}), {self.workers.log_path}:\n"
+                         f"{log_tail(self.workers.log_path)}")
+        if self.api is not None:
+            parts.append(f"  API ({self.api.process.poll() or 'running'}), {self.api.log_path}:\n"
+                         f"{log_tail(self.api.log_path, 15)}")
+        parts.append(f"  simulator, {self.simulator.log_path}:\n{log_tail(self.simulator.log_path, 10)}")
+        return "\n".join(parts)
 
     def stop_pipeline(self) -> None:
         if self.workers is not None:
@@ -181,9 +193,11 @@ def wait_ready(made: Rig) -> None:
         raise BenchError("the probes were not acknowledged by Kafka")
     deadline = time.monotonic() + READY_TIMEOUT_S
     while made.accepted() < len(probes):
-        if time.monotonic() > deadline or not made.alive():
-            raise BenchError(f"the probes did not reach the simulator within {READY_TIMEOUT_S:.0f} s (see "
-                             f"{made.settings.stack_dir / 'bench'} and the workers' log)")
+        if not made.alive():
+            raise BenchError(f"a process of the run died before the probes reached the simulator:\n{made.why()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"the probes did not reach the simulator within {READY_TIMEOUT_S:.0f} s "
+                             f"(simulator: {made.simulator.stats()}):\n{made.why()}")
         time.sleep(0.2)
 
 

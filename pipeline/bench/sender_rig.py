@@ -126,6 +126,7 @@ class SimulatorProcess:
     port: int
     env: dict[str, str]  # what workers need to talk to it
     log: IO[bytes]
+    log_path: Path
 
     @classmethod
     def start(cls, settings: Settings, log_path: Path, extra_env: Mapping[str, str] | None = None
@@ -142,7 +143,7 @@ class SimulatorProcess:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "simulator", "--port", str(port)],
                                    env={**os.environ, **env}, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        sim = cls(process, port, env, log)
+        sim = cls(process, port, env, log, log_path)
         deadline = time.monotonic() + 30
         while True:
             try:
