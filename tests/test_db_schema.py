@@ -330,6 +330,26 @@ def test_an_attempt_outcome_outside_the_four_classes_is_rejected(conn: Conn, use
         """, (notification_id,))
 
 
+def test_a_push_attempt_names_its_device_by_platform_and_fingerprint_never_by_the_raw_token(
+        conn: Conn, user_id: str) -> None:
+    notification_id = new_notification(conn, user_id)
+    insert_delivery(conn, notification_id, channel="push", state="retry_scheduled", attempt_count=1)
+    attempt = """
+        INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, error_code,
+                                           started_at, finished_at, device_platform, device_fingerprint)
+        VALUES (%s, 'push', 1, 'apns', %s, %s, now(), now(), %s, %s)
+    """
+    conn.execute(attempt, (notification_id, "transient", "ServiceUnavailable", "ios", "0123456789abcdef"))
+    conn.execute(attempt, (notification_id, "accepted", None, "android", "fedcba9876543210"))
+    rows = conn.execute("SELECT device_platform, device_fingerprint, outcome FROM notification_attempts "
+                        "WHERE notification_id = %s ORDER BY attempt_id", (notification_id,)).fetchall()
+    assert rows == [("ios", "0123456789abcdef", "transient"), ("android", "fedcba9876543210", "accepted")]
+    for platform, fingerprint in (("ios", "ab" * 32), ("ios", None), (None, "0123456789abcdef"),
+                                  ("blackberry", "0123456789abcdef")):
+        with pytest.raises(errors.CheckViolation):
+            conn.execute(attempt, (notification_id, "accepted", None, platform, fingerprint))
+
+
 def test_an_attempt_of_a_delivery_that_does_not_exist_is_rejected(conn: Conn, user_id: str) -> None:
     notification_id = new_notification(conn, user_id)  # a notification, but no sms delivery row
 
@@ -355,7 +375,7 @@ def test_user_settings_default_to_utc_no_quiet_hours_no_digest(conn: Conn, user_
 
 @pytest.mark.parametrize("column, value", [
     ("quiet_hours_start", "22:00"),  # without an end
-    ("digest", "hourly"),
+    ("digest", "monthly"),
     ("channel_preference", ["push", "pager"]),
     ("phone_e164", "0801 234 5678"),
     ("category_settings", Jsonb(["marketing"])),

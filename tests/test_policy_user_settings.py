@@ -16,13 +16,16 @@ NOW = datetime.datetime(2026, 11, 22, 9, 30, tzinfo=datetime.UTC)
 def test_a_full_body_becomes_a_user_settings_record_that_encodes() -> None:
     body = {
         "timezone": "Africa/Lagos", "channel_preference": ["push", "sms"], "digest": "daily",
-        "categories": {"marketing": {"opted_out_channels": ["sms"], "opted_in_channels": ["email"]}},
+        "categories": {"marketing": {"opted_out_channels": ["sms"], "opted_in_channels": ["email"]},
+                       "portfolio": {"digest": "hourly"}},
         "quiet_hours": {"start": "22:00", "end": "07:00"},
         "contacts": {"phone": "+2348012345678", "email": "ada@example.com",
                      "device_tokens": [{"platform": "ios", "token": "abc"}]},
     }
     record = policy.parse("u-1", body, version=3, now=NOW)
-    assert record["categories"] == {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": ["sms"]}}
+    assert record["categories"] == {
+        "marketing": {"opted_in_channels": ["email"], "opted_out_channels": ["sms"], "digest": None},
+        "portfolio": {"opted_in_channels": [], "opted_out_channels": [], "digest": "hourly"}}
     assert (record["version"], record["updated_at"], record["timezone"]) == (3, NOW, "Africa/Lagos")
     decoded = AvroSerde().decode(AvroSerde().encode(USER_SETTINGS, record), expected=USER_SETTINGS).value
     assert decoded["contacts"]["device_tokens"] == [{"platform": "ios", "token": "abc"}]
@@ -38,8 +41,9 @@ def test_an_empty_body_means_every_default() -> None:
 
 def test_every_wrong_field_is_named_at_once() -> None:
     body = {
-        "timezone": "Mars/Olympus", "channel_preference": ["sms", "fax", "sms"], "digest": "hourly",
-        "categories": {"spam": {}, "marketing": {"opted_out_channels": ["pigeon"], "colour": 1}},
+        "timezone": "Mars/Olympus", "channel_preference": ["sms", "fax", "sms"], "digest": "monthly",
+        "categories": {"spam": {}, "marketing": {"opted_out_channels": ["pigeon"], "colour": 1},
+                       "portfolio": {"digest": "yearly"}},
         "quiet_hours": {"start": "25:00", "end": "07:00"}, "colour": "blue",
         "contacts": {"phone": "0801", "email": "nope", "device_tokens": [{"platform": "nokia", "token": "x"}]},
     }
@@ -48,7 +52,7 @@ def test_every_wrong_field_is_named_at_once() -> None:
     fields = [p.field for p in raised.value.problems]
     assert sorted(set(fields)) == sorted({
         "", "timezone", "digest", "channel_preference", "categories.spam", "categories.marketing",
-        "categories.marketing.opted_out_channels", "quiet_hours.start", "contacts.phone", "contacts.email",
+        "categories.marketing.opted_out_channels", "categories.portfolio.digest", "quiet_hours.start", "contacts.phone", "contacts.email",
         "contacts.device_tokens[0]"})
 
 

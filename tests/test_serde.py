@@ -63,7 +63,8 @@ def full_values() -> dict[str, dict[str, Any]]:
         },
         USER_SETTINGS: {
             "user_id": "user-42", "timezone": "Africa/Lagos", "channel_preference": ["push", "email", "sms"],
-            "categories": {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": ["sms"]}},
+            "categories": {"marketing": {"opted_in_channels": ["email"], "opted_out_channels": ["sms"],
+                                         "digest": "hourly"}},
             "quiet_hours": {"start": "22:00", "end": "07:00"}, "digest": "daily",
             "contacts": {"phone": "+2348012345678", "email": None, "device_tokens": [TOKEN, TOKEN]},
             "version": 7, "updated_at": NOW,

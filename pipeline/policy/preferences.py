@@ -25,8 +25,9 @@ Rules:
 - No settings at all: nothing opted out, no quiet hours, default order.
 - An unknown time zone takes quiet hours in UTC, and malformed quiet hours are ignored; both leave a note.
 
-Not decided here (yet): the digest choice (UserSettings.digest for bulk-lane types) is not applied. TODO: digest
-batching, as its own stage.
+- Digests (pipeline/policy/digests): a non-critical type the user chose a digest for, and can be emailed for, is
+  not sent: `digest` says which window it waits for and where the email goes; `send` and `suppressed` are empty
+  (the digest answers every channel). Quiet hours then apply to the window's end, never to the item itself.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 from pipeline.domain import CHANNELS, CRITICAL_TYPES, Channel, Lane, lane_for
+from pipeline.policy import digests
 from pipeline.policy.intake import DeviceToken, usable_device_tokens, usable_email, usable_phone
 from pipeline.policy.quiet_hours import known_timezone, parse_clock_time, quiet_until
 
@@ -63,12 +65,22 @@ class ChannelTarget:
 
 
 @dataclass(frozen=True)
+class DigestHold:
+    """Hold the notification for the user's `frequency` digest whose window ends at `window_end` (UTC)."""
+
+    frequency: digests.Frequency
+    window_end: datetime
+    address: str
+
+
+@dataclass(frozen=True)
 class PreferenceDecision:
     send: tuple[ChannelTarget, ...]
     suppressed: tuple[tuple[Channel, SuppressionReason], ...] = ()
     deferred_until: datetime | None = None  # quiet hours: hold until this instant (UTC), then decide again
     opt_out_overridden: Channel | None = None  # critical, sent despite an opt-out because no other channel could
     notes: tuple[str, ...] = ()  # settings that could not be applied as written
+    digest: DigestHold | None = None  # held for a digest email instead of sent
 
 
 def decide(request: Mapping[str, Any], user_settings: Mapping[str, Any] | None, now: datetime) -> PreferenceDecision:
@@ -107,9 +119,25 @@ def decide(request: Mapping[str, Any], user_settings: Mapping[str, Any] | None, 
 
     deferred_until: datetime | None = None
     notes: tuple[str, ...] = ()
+    hold = _digest_hold(request, settings, targets, now)
+    if hold is not None:
+        return PreferenceDecision((), (), None, None, notes, hold)
     if send and notification_type not in CRITICAL_TYPES:
         deferred_until, notes = _quiet_hours(settings, now)
     return PreferenceDecision(tuple(send), tuple(suppressed), deferred_until, overridden, notes)
+
+
+def _digest_hold(request: Mapping[str, Any], settings: Mapping[str, Any], targets: Mapping[Channel, ChannelTarget],
+                 now: datetime) -> DigestHold | None:
+    notification_type: str = request["type"]
+    frequency = digests.frequency_for(settings, notification_type)
+    email = targets.get("email")
+    if (frequency is None or email is None or email.address is None
+            or consent_refusal(settings, notification_type, "email") is not None):
+        return None
+    end = digests.window_end(now, settings.get("timezone") or "UTC", frequency)
+    quiet_end, _notes = _quiet_hours(settings, end)  # a digest due in quiet hours waits for their end
+    return DigestHold(frequency, quiet_end or end, email.address)
 
 
 def _unique(channels: Iterable[Channel]) -> tuple[Channel, ...]:

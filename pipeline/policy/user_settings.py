@@ -15,7 +15,7 @@ from pipeline.client import PLATFORMS, FieldProblem, InvalidRequest
 from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email, text_flaws
 from pipeline.policy.quiet_hours import known_timezone, parse_clock_time
 
-DIGESTS: Final = ("none", "daily", "weekly")
+DIGESTS: Final = ("none", "hourly", "daily", "weekly")
 FIELDS: Final = frozenset({"timezone", "channel_preference", "categories", "quiet_hours", "digest", "contacts"})
 MAX_DEVICE_TOKENS: Final = 20
 MAX_TOKEN_LENGTH: Final = 4096
@@ -35,13 +35,13 @@ def _channels(value: Any, field: str, problems: list[FieldProblem]) -> list[str]
     return [c for c in value if c in CHANNELS]
 
 
-def _categories(value: Any, problems: list[FieldProblem]) -> dict[str, dict[str, list[str]]]:
+def _categories(value: Any, problems: list[FieldProblem]) -> dict[str, dict[str, Any]]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         problems.append(FieldProblem("categories", "must be an object keyed by notification type"))
         return {}
-    categories: dict[str, dict[str, list[str]]] = {}
+    categories: dict[str, dict[str, Any]] = {}
     for notification_type, choice in value.items():
         where = f"categories.{notification_type}"
         if notification_type not in NOTIFICATION_TYPES:
@@ -50,13 +50,17 @@ def _categories(value: Any, problems: list[FieldProblem]) -> dict[str, dict[str,
         if not isinstance(choice, Mapping):
             problems.append(FieldProblem(where, "must be an object with opted_in_channels and opted_out_channels"))
             continue
-        extra = set(choice) - {"opted_in_channels", "opted_out_channels"}
+        extra = set(choice) - {"opted_in_channels", "opted_out_channels", "digest"}
         if extra:
             problems.append(FieldProblem(where, f"unknown field(s) {', '.join(sorted(extra))}"))
+        digest = choice.get("digest")
+        if digest is not None and digest not in DIGESTS:
+            problems.append(FieldProblem(f"{where}.digest", f"must be null or one of {', '.join(DIGESTS)}"))
         categories[notification_type] = {
             "opted_in_channels": _channels(choice.get("opted_in_channels"), f"{where}.opted_in_channels", problems),
             "opted_out_channels": _channels(choice.get("opted_out_channels"), f"{where}.opted_out_channels",
                                             problems),
+            "digest": digest if digest in DIGESTS else None,
         }
     return categories
 

@@ -1,4 +1,5 @@
-"""Preferences: accepted.<lane> -> routed.<lane>. Opt-outs, quiet hours, channel choice; one task per channel.
+"""Preferences: accepted.<lane> -> routed.<lane>. Opt-outs, quiet hours, digests, channel choice; one task per
+channel.
 
 User settings arrive on the compacted, co-partitioned user-settings topic and are kept in a table that follows
 this worker's partitions (pipeline/stages/runtime.Table), so a user's requests and settings land on the same
@@ -14,7 +15,7 @@ from typing import Any
 from pipeline import db, metrics, serde, topics
 from pipeline.errors import DecodeError
 from pipeline.policy import preferences as policy
-from pipeline.stages import holds
+from pipeline.stages import digests, holds
 from pipeline.stages.runtime import (
     HEADER_RELEASED,
     Record,
@@ -103,6 +104,7 @@ def build(ctx: StageContext) -> Stage:
     async def handle(ctx: StageContext, records: list[Record]) -> None:
         now = utcnow()
         to_hold: list[holds.Hold] = []
+        to_digest: list[digests.Held] = []
         suppressed: list[tuple[str, str, str]] = []  # notification id, channel, reason
         for record in records:
             request = ctx.decode(record, serde.NOTIFICATION_REQUEST)
@@ -112,6 +114,16 @@ def build(ctx: StageContext) -> Stage:
             released = header(record, HEADER_RELEASED) is not None
             decision = policy.decide(request, settings_for(request["user_id"], record.partition), now)
             notification_id = str(request["notification_id"])
+            if decision.digest is not None:
+                assert record.value is not None
+                hold = decision.digest
+                to_digest.append(digests.Held(notification_id, request["user_id"], request["type"], hold.frequency,
+                                              hold.window_end, hold.address, record.value))
+                ctx.emit(request, "deferred", channel="email", error_code="digest",
+                         error_message=f"in the {hold.frequency} digest sent at {hold.window_end.isoformat()}",
+                         at=now)
+                ctx.outcomes("digested").inc()
+                continue
             if decision.deferred_until is not None and not released:
                 assert record.value is not None
                 to_hold.append(holds.Hold(f"quiet:{notification_id}", topics.accepted_topic(lane),
@@ -130,13 +142,16 @@ def build(ctx: StageContext) -> Stage:
                 ctx.send(topics.routed_topic(lane), request["user_id"],
                          ctx.codec.encode(serde.DELIVERY_TASK, task, trusted=True))
             ctx.outcomes("routed" if decision.send else "suppressed").inc()
-        if to_hold or suppressed:
+        if to_hold or suppressed or to_digest:
             pool = await db.async_pool(ctx.settings)
             async with pool.connection() as conn:
                 await holds.hold_all(ctx, conn, to_hold)
+                await digests.hold_all(conn, to_digest)
                 if suppressed:
                     await conn.execute(INSERT_SUPPRESSED, tuple(map(list, zip(*suppressed, strict=True))))
 
     stage = Stage(ctx, {topics.accepted_topic(lane): handle}, tables=[user_settings])
     holds.add_releaser(stage, [topics.accepted_topic(lane)])
+    if lane == "bulk":  # critical types are never digested
+        digests.add_releaser(stage)
     return stage
