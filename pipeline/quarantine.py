@@ -30,6 +30,7 @@ from pipeline.stages.runtime import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE,
 
 READ_TIMEOUT_S: Final = 10.0
 FLUSH_TIMEOUT_S: Final = 30.0
+QUARANTINE_HEADERS: Final = frozenset({HEADER_REASON, HEADER_DETAIL, HEADER_SOURCE, HEADER_STAGE})
 HEADER_REDRIVEN: Final = "notify-redriven"  # on a redriven record: when, and from which quarantine entry
 FILTER_KEYS: Final = ("reason", "stage", "source_topic", "key")
 
@@ -189,7 +190,8 @@ def redrive(settings: Settings, entries: Sequence[Entry], *, dry_run: bool = Fal
         for entry in chosen:
             source = entry.source
             assert source is not None
-            headers: dict[str, str | bytes | None] = {
+            headers: dict[str, str | bytes | None] = {  # the record's own headers, without the quarantine's
+                **{k: v for k, v in entry.record.headers.items() if k not in QUARANTINE_HEADERS},
                 HEADER_REDRIVEN: f"{datetime.datetime.now(datetime.UTC).isoformat()} {entry.identity}"}
             producer.produce(source[0], value=entry.record.value, key=entry.record.key, headers=headers,
                              on_delivery=lambda error, _m: failures.append(str(error)) if error else None)

@@ -90,13 +90,14 @@ class Pipeline:
         value.update(fields)
         return value
 
-    def produce(self, *requests: dict[str, Any], raw: bytes | None = None, lane: str = "critical") -> None:
+    def produce(self, *requests: dict[str, Any], raw: bytes | None = None, lane: str = "critical",
+                headers: dict[str, bytes] | None = None) -> None:
         producer = kafka.producer(self.settings)
         for request in requests:
             topic = topics.requests_topic("critical" if request["type"] in ("otp", "security", "transaction")
                                           else "bulk")
             producer.produce(self.settings.topic(topic), key=request["user_id"].encode(),
-                             value=self.codec.encode(serde.NOTIFICATION_REQUEST, request))
+                             value=self.codec.encode(serde.NOTIFICATION_REQUEST, request), headers=headers)
         if raw is not None:
             producer.produce(self.settings.topic(topics.requests_topic(lane)), key=b"garbage", value=raw)
         assert producer.flush(30) == 0

@@ -14,8 +14,9 @@ from pipeline.kafka import producer
 
 OPT_OUT: dict[str, Any] = {
     "timezone": "Africa/Lagos",
-    "categories": {"marketing": {"opted_out_channels": ["sms"]}},
+    "categories": {"marketing": {"opted_out_channels": ["sms"]}, "portfolio": {"digest": "hourly"}},
     "quiet_hours": {"start": "22:00", "end": "07:00"},
+    "digest": "daily",
     "contacts": {"phone": "+2348012345678"},
 }
 
@@ -48,11 +49,14 @@ async def test_put_stores_publishes_and_get_reads_back_with_the_version_as_etag(
         assert (await first.json())["published"] is True
         assert read.headers["ETag"] == '"2"'
         assert body["version"] == 2 and body["channel_preference"] == ["push", "email"]
-        assert body["categories"] == {"marketing": {"opted_in_channels": [], "opted_out_channels": ["sms"]}}
-        assert body["quiet_hours"] == {"start": "22:00", "end": "07:00"}
+        assert body["categories"] == {
+            "marketing": {"opted_in_channels": [], "opted_out_channels": ["sms"], "digest": None},
+            "portfolio": {"opted_in_channels": [], "opted_out_channels": [], "digest": "hourly"}}
+        assert body["quiet_hours"] == {"start": "22:00", "end": "07:00"} and body["digest"] == "daily"
     on_topic = published(applied, user)
     assert [s["version"] for s in on_topic] == [1, 2]
     assert on_topic[-1]["channel_preference"] == ["push", "email"]
+    assert (on_topic[-1]["digest"], on_topic[-1]["categories"]["portfolio"]["digest"]) == ("daily", "hourly")
     assert outbox_rows(applied, user) == [(1, True), (2, True)]
 
 

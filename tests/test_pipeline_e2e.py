@@ -254,7 +254,8 @@ def test_a_quarantined_request_redriven_after_the_fix_is_queued_once_and_a_secon
     pipeline.wait_for(lambda: "queued" in pipeline.statuses(holder["notification_id"]), what="the holder queued")
     reused = pipeline.request(user(), "otp", notification_id=holder["notification_id"])  # the id, another request
     since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
-    pipeline.produce(reused)
+    upstream = {"traceparent": b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}  # upstream's headers
+    pipeline.produce(reused, headers=upstream)
     key = {"key": reused["user_id"]}
 
     def mine() -> list[quarantine.Entry]:
@@ -286,5 +287,9 @@ def test_a_quarantined_request_redriven_after_the_fix_is_queued_once_and_a_secon
     redriven = [m for m in read_topic(pipeline.settings, "requests.critical", 3)
                 if m.key() == reused["user_id"].encode()]
     assert len(redriven) == 2  # the original and the one redrive
-    assert dict(redriven[1].headers() or [])[quarantine.HEADER_REDRIVEN].endswith(entry.identity.encode())
+    back = dict(redriven[1].headers() or [])
+    assert back[quarantine.HEADER_REDRIVEN].endswith(entry.identity.encode())
+    # upstream's headers went through quarantine and back; the quarantine's own did not go back
+    assert entry.record.headers["traceparent"] == upstream["traceparent"]
+    assert set(back) == {"traceparent", quarantine.HEADER_REDRIVEN} and back["traceparent"] == upstream["traceparent"]
     assert len(mine()) == 1  # not quarantined again

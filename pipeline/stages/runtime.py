@@ -292,8 +292,10 @@ class StageContext:
         self._events(lane or self.lane, status).inc()
 
     def quarantine(self, record: Record, reason: str, detail: str) -> None:
-        """Stage the original bytes for `invalid`, with why and where from in headers."""
+        """Stage the original bytes for `invalid`, with why and where from in headers beside the record's own (a
+        redrive puts those back: upstream's tracing, a retry's due time)."""
         headers = {
+            **record.headers,
             HEADER_REASON: reason.encode(),
             HEADER_DETAIL: detail[:2000].encode(errors="replace"),
             HEADER_SOURCE: record.source.encode(),
