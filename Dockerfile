@@ -22,6 +22,7 @@ COPY pipeline/ pipeline/
 COPY connectors/ connectors/
 COPY schemas/ schemas/
 COPY topics/ topics/
+COPY templates/ templates/
 COPY infra/migrations/ infra/migrations/
 COPY infra/policies/ infra/policies/
 RUN pip install -c requirements.lock -e . \

@@ -62,6 +62,7 @@ class Message:
     to: str  # E.164 phone number for SMS, email address for email
     body: str
     subject: str | None = None
+    html: str | None = None  # email only: the HTML part beside the text one (the template's email_html.html)
     template_id: str | None = None  # for the record and the provider's metadata; the body is what is sent
     params: Mapping[str, str] = field(default_factory=dict)
     collapse_key: str | None = None  # push only

@@ -116,6 +116,8 @@ class MailgunEmail(Connector):
     async def _send(self, msg: Message) -> Outcome:
         form = {"from": self.from_email, "to": msg.to, "subject": msg.subject or "", "text": msg.body,
                 "v:notification_id": msg.notification_id}
+        if msg.html:
+            form["html"] = msg.html
         if msg.test_mode:  # Mailgun test mode: accepted and answered as usual, never delivered
             form["o:testmode"] = "yes"
         async with self.session().post(f"{self.base_url}/messages", data=form, headers=self.auth) as resp:

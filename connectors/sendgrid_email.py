@@ -72,7 +72,8 @@ def build_mail(msg: Message, from_email: str) -> dict[str, Any]:
     """
     if "@" not in msg.to:
         raise ValueError(f"{msg.to!r} is not an email address")
-    mail = Mail(from_email=from_email, to_emails=msg.to, subject=msg.subject, plain_text_content=msg.body)
+    mail = Mail(from_email=from_email, to_emails=msg.to, subject=msg.subject, plain_text_content=msg.body,
+                html_content=msg.html)
     mail.custom_arg = CustomArg(REFERENCE_ARG, msg.notification_id)
     if msg.test_mode:  # sandbox mode: SendGrid validates and answers, and delivers nothing
         mail.mail_settings = MailSettings(sandbox_mode=SandBoxMode(True))

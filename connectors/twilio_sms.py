@@ -12,6 +12,10 @@ The SDK's own AsyncTwilioHttpClient is subclassed for two gaps: it passes `timeo
 connector's session (pool size, connect and total timeouts) and keeps the raw answer in a context variable, which
 is per asyncio task, so concurrent sends never see each other's answers.
 
+Test mode (`Message.test_mode`, shadow sends): the same request with the account's test credentials
+(NOTIFY_TWILIO_TEST_ACCOUNT_SID and _AUTH_TOKEN), which Twilio validates and answers like a real send and never
+delivers (nor calls back).
+
 Lookup by reference (`find`): the Messages list (GET .../Messages.json?To=...&DateSent>=YYYY-MM-DD through
 `messages.list_async`), matched on the exact body, since no field of the Message resource holds our notification id.
 """
@@ -130,10 +134,12 @@ FIND_PAGE = 200  # messages to one number a lookup by reference reads (newest fi
 class TwilioSms(Connector):
     name = NAME
     channel = "sms"
+    supports_test_mode = True  # Twilio's test credentials: checked and answered like a real send, never sent
 
     def __init__(self, *, base_url: str, account_sid: str, auth_token: str, from_number: str,
                  status_callback_url: str | None, timeout_s: float, connect_timeout_s: float,
-                 max_concurrency: int) -> None:
+                 max_concurrency: int, test_account_sid: str | None = None,
+                 test_auth_token: str | None = None) -> None:
         super().__init__(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, max_concurrency=max_concurrency)
         self.from_number = from_number
         self.status_callback_url = status_callback_url
@@ -141,13 +147,21 @@ class TwilioSms(Connector):
         self.client = Client(account_sid, auth_token, account_sid=account_sid, http_client=_HttpClient(self),
                              environment={"NOTIFY": "twilio client without TWILIO_EDGE/TWILIO_REGION"})
         self.client.api.base_url = base_url
+        # Shadow sends (Message.test_mode) go through the account's test credentials: same API, nothing delivered.
+        self.test_client: Client | None = None
+        if test_account_sid and test_auth_token:
+            self.test_client = Client(test_account_sid, test_auth_token, account_sid=test_account_sid,
+                                      http_client=_HttpClient(self),
+                                      environment={"NOTIFY": "twilio client without TWILIO_EDGE/TWILIO_REGION"})
+            self.test_client.api.base_url = base_url
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TwilioSms:
         kwargs: dict[str, Any] = {
             "base_url": settings.provider_base_url(NAME), "account_sid": settings.twilio_account_sid,
             "auth_token": settings.twilio_auth_token, "from_number": settings.twilio_from,
-            "status_callback_url": settings.webhook_url(NAME), **limits(settings),
+            "status_callback_url": settings.webhook_url(NAME), "test_account_sid": settings.twilio_test_account_sid,
+            "test_auth_token": settings.twilio_test_auth_token, **limits(settings),
         }
         return cls(**{**kwargs, **overrides})
 
@@ -160,8 +174,14 @@ class TwilioSms(Connector):
 
     async def _send(self, msg: Message) -> Outcome:
         _last_answer.set(None)
+        client = self.client
+        if msg.test_mode:
+            if self.test_client is None:
+                raise ValueError("twilio: test mode needs test credentials (NOTIFY_TWILIO_TEST_ACCOUNT_SID, "
+                                 "NOTIFY_TWILIO_TEST_AUTH_TOKEN)")
+            client = self.test_client
         try:
-            created = await self.client.messages.create_async(
+            created = await client.messages.create_async(
                 to=msg.to, from_=self.from_number, body=msg.body, status_callback=self._callback(msg.notification_id),
             )
         except TwilioRestException as exc:

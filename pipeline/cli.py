@@ -100,16 +100,18 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
     settings = config.settings()
     if args.action == "create":
-        key_id, api_key = keys.create_key(settings, args.name)
-        print(f"key id {key_id} for {args.name}; the key (shown once, store it now):\n{api_key}")
+        scopes = keys.normalise_scopes(args.scope or keys.DEFAULT_SCOPES)
+        key_id, api_key = keys.create_key(settings, args.name, scopes)
+        print(f"key id {key_id} for {args.name}, scopes {', '.join(scopes)}; the key (shown once, store it now):"
+              f"\n{api_key}")
         return 0
     if args.action == "revoke":
         revoked = keys.revoke_key(settings, args.name)
         print(f"revoked {args.name}" if revoked else f"no active key {args.name}")
         return 0 if revoked else 1
     for info in keys.list_keys(settings):
-        print(f"{info.key_id}  {info.service:24} created {info.created_at:%Y-%m-%d %H:%M}  "
-              f"{'revoked ' + format(info.revoked_at, '%Y-%m-%d %H:%M') if info.revoked_at else 'active'}")
+        print(f"{info.key_id}  {info.service:24} {','.join(info.scopes):18} created {info.created_at:%Y-%m-%d %H:%M}"
+              f"  {'revoked ' + format(info.revoked_at, '%Y-%m-%d %H:%M') if info.revoked_at else 'active'}")
     return 0
 
 
@@ -148,6 +150,41 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
     problems = serde.check_history()
     print("\n".join(f"! {problem}" for problem in problems) or "schemas: every schema is recorded and compatible")
     return 1 if problems else 0
+
+
+def _cmd_templates(args: argparse.Namespace) -> int:
+    from pipeline.domain import CHANNELS
+    from pipeline.policy import sms, templates
+
+    if args.action == "check":
+        found = templates.load(config.settings().templates_dir)
+        print("\n".join(f"! {problem}" for problem in found.problems)
+              or f"templates: {len(found.ids)} templates in {found.directory}, every one valid")
+        return 1 if found.problems else 0
+    if not args.template_id:
+        raise SystemExit("notify templates render: give the template id, e.g. otp.login")
+    if malformed := [kv for kv in args.param if "=" not in kv]:
+        raise SystemExit(f"notify templates render: --param takes key=value, not {', '.join(malformed)}")
+    params = {key: value for key, _, value in (kv.partition("=") for kv in args.param)}
+    try:
+        print(f"{args.template_id}: locale {args.locale} renders from "
+              f"{templates.resolve_locale(args.template_id, args.locale)}/")
+        for channel in [args.channel] if args.channel else CHANNELS:
+            rendered = templates.render({"content": None, "template_id": args.template_id, "locale": args.locale,
+                                         "channel": channel, "template_params": params})
+            print(f"\n[{channel}]")
+            if channel != "sms":
+                print(f"{'title' if channel == 'push' else 'subject'}: {rendered.subject}")
+            print(f"body:\n{rendered.body}")
+            if rendered.html is not None:
+                print(f"html:\n{rendered.html}")
+            if channel == "sms":
+                print(f"sms: {sms.encoding(rendered.body)}, {sms.utf16_length(rendered.body)} "
+                      f"characters, {sms.segments(rendered.body)} segment(s)")
+    except templates.TemplateError as exc:
+        print(f"notify templates render: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_kafka(args: argparse.Namespace) -> int:
@@ -241,6 +278,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shadow(args: argparse.Namespace) -> int:
+    from pipeline import shadow_report
+
+    return shadow_report.run_report_cli(config.settings(), args.since, args.channel, args.json)
+
+
 def _cmd_simulator(args: argparse.Namespace) -> int:
     from connectors.simulator import run_simulator_cli
     from connectors.simulator.admin import run_admin_cli
@@ -282,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="API keys of upstream services: create SERVICE | revoke KEY_ID | list")
     p.add_argument("action", choices=["create", "revoke", "list"])
     p.add_argument("name", nargs="?", default="", help="service (create) or key id (revoke)")
+    p.add_argument("--scope", action="append", choices=["ingest", "read", "admin"],
+                   help="create: what the key may do, repeatable (default ingest): ingest (submit notifications, "
+                   "settings), read (the read API, own service only), admin (everything, the ops console)")
     p.set_defaults(func=_cmd_keys)
 
     p = sub.add_parser("events", help="delivery events: `notify events tail [--user U] [--notification N]`")
@@ -303,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schemas", help="check that schemas/ is recorded and compatible, or record a change")
     p.add_argument("action", choices=["check", "freeze"])
     p.set_defaults(func=_cmd_schemas)
+
+    p = sub.add_parser("templates", help="the message templates of NOTIFY_TEMPLATES_DIR: `check` lists every "
+                       "problem; `render ID [--locale L] [--channel C] [--param k=v ...]` shows what is sent")
+    p.add_argument("action", choices=["check", "render"])
+    p.add_argument("template_id", nargs="?", help="render: the template, e.g. otp.login")
+    p.add_argument("--locale", default="en", help="render: the recipient's locale (default en)")
+    p.add_argument("--channel", choices=["sms", "email", "push"], default=None,
+                   help="render: only this channel (default: each)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="render: a template "
+                   "parameter; repeatable")
+    p.set_defaults(func=_cmd_templates)
 
     p = sub.add_parser(
         "kafka",
@@ -390,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print every setting, its environment variable and its value")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("shadow", help="shadow mode (NOTIFY_SHADOW): `report` compares, for the mirrored share, the "
+                       "candidate with the live provider per channel: acceptance, latency percentiles, SMS encoding "
+                       "and segments, the candidate's top errors")
+    p.add_argument("action", choices=["report"])
+    p.add_argument("--since", default="24h", help="the window, back from now: 30m, 24h, 7d (default 24h)")
+    p.add_argument("--channel", choices=["sms", "email", "push"], default=None, help="only this channel")
+    p.add_argument("--json", action="store_true", help="the report as one JSON document")
+    p.set_defaults(func=_cmd_shadow)
     return parser
 
 

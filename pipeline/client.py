@@ -57,7 +57,7 @@ from pipeline.domain import (
     text_flaws,
 )
 from pipeline.errors import NotifyError
-from pipeline.policy import templates
+from pipeline.policy import sms, templates
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +251,16 @@ def normalize_request(request: Mapping[str, Any], *, now: datetime.datetime | No
     if (get("template_id") is None) == (content is None):
         problems.append(FieldProblem("template_id", "give exactly one of template_id and content"))
     elif content is None and isinstance(get("template_id"), str) and isinstance(locale, str):
-        try:  # what the sender would render, rendered now: a template it could not render is refused, not failed
-            body = templates.render({"content": None, "template_id": get("template_id"), "locale": locale,
-                                     "template_params": params}).body
+        try:  # what the sender would render on each channel, rendered now: what it could not is refused, not failed
+            for channel in [c for c in channels if c in CHANNELS] or CHANNELS:
+                rendered = templates.render({"content": None, "template_id": get("template_id"), "locale": locale,
+                                             "channel": channel, "template_params": params})
+                body = rendered.body if channel == "sms" else body
         except templates.TemplateError as error:
             field = "template_id" if error.code == "unknown_template" else "template_params"
             problems.append(FieldProblem(field, str(error)))
     sms_possible = not channels or "sms" in channels  # asked for, or possible by preference
-    if isinstance(body, str) and sms_possible and (length := templates.sms_length(body)) > templates.MAX_SMS_CHARS:
+    if isinstance(body, str) and sms_possible and (length := sms.utf16_length(body)) > templates.MAX_SMS_CHARS:
         problems.append(FieldProblem("content.body" if content is not None else "template_params",
                                      f"the SMS would be {length} characters; SMS providers take at most "
                                      f"{templates.MAX_SMS_CHARS}"))

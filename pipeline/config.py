@@ -155,6 +155,10 @@ SETTINGS: dict[str, Setting] = {
     "cache_dir": Setting(
         "NOTIFY_CACHE_DIR", str(REPO_ROOT / ".cache"),
         "Folder for downloaded artefacts (the Kafka jars).", Path),
+    "templates_dir": Setting(
+        "NOTIFY_TEMPLATES_DIR", str(REPO_ROOT / "templates"),
+        "Folder of the message templates (<template_id>/<locale>/<part>); checked at start-up of the API and "
+        "workers (`notify templates check`).", Path),
     "kafka_bootstrap_servers": Setting(
         "KAFKA_BOOTSTRAP_SERVERS", None,
         "Use this Kafka cluster instead of starting one (host:port[,host:port...]).", str),
@@ -204,6 +208,10 @@ SETTINGS: dict[str, Setting] = {
         "Price of one message per provider in USD, for notify_provider_cost_usd_total: per SMS segment (160 GSM-7 "
         "or 70 UCS-2 characters, 153/67 when split), per email, per push.", _prices),
     "api_port": Setting("NOTIFY_API_PORT", "58080", "Port of the ingest and settings API (127.0.0.1).", _port),
+    "console_secret": Setting(
+        "NOTIFY_CONSOLE_SECRET", None,
+        "Key that signs the ops console's session cookies and CSRF tokens (/console); give every API process the "
+        "same one. Unset: a random one per process (sessions end when it restarts).", str, secret=True),
     "log_level": Setting("NOTIFY_LOG_LEVEL", "WARNING", "Log level of workers and the API.", str),
     "ready_timeout_s": Setting(
         "NOTIFY_READY_TIMEOUT_S", "120", "How long `stack up` waits for each service to become ready.",
@@ -265,8 +273,8 @@ SETTINGS: dict[str, Setting] = {
         "NOTIFY_SHADOW", "",
         "Shadow mode, ','-separated `<channel>=<provider>:<share>`, e.g. `sms=twilio:0.05`: that share of the "
         "channel's sends is mirrored to the provider in its test mode (never delivered) and its latency and "
-        "acceptance recorded as metrics. Providers with a test mode: sendgrid (sandbox), mailgun (o:testmode), "
-        "fcm (validate_only).",
+        "acceptance recorded as metrics and in shadow_results (`notify shadow report`). Providers with a test mode: "
+        "twilio (test credentials), sendgrid (sandbox), mailgun (o:testmode), fcm (validate_only).",
         lambda raw: _shadow(raw)),
     # Providers. Every base URL defaults to the provider simulator (`notify simulator`); credentials default to
     # fake test credentials that only the simulator accepts.
@@ -306,6 +314,12 @@ SETTINGS: dict[str, Setting] = {
         "NOTIFY_TWILIO_AUTH_TOKEN", "simulator-twilio-auth-token",
         "Twilio auth token (API auth and status-callback signatures).", str, secret=True),
     "twilio_from": Setting("NOTIFY_TWILIO_FROM", "+15005550006", "Sender number of Twilio SMS (E.164).", str),
+    "twilio_test_account_sid": Setting(
+        "NOTIFY_TWILIO_TEST_ACCOUNT_SID", "AC00000000000000000000000000000002",
+        "Account SID of Twilio's test credentials, for shadow sends (Twilio checks and answers, sends nothing).", str),
+    "twilio_test_auth_token": Setting(
+        "NOTIFY_TWILIO_TEST_AUTH_TOKEN", "simulator-twilio-test-auth-token",
+        "Auth token of Twilio's test credentials (shadow sends).", str, secret=True),
     "termii_base_url": Setting(
         "NOTIFY_TERMII_BASE_URL", None,
         "Termii API base URL (https://api.ng.termii.com); default: the simulator's /termii.", _url),
@@ -376,6 +390,7 @@ LOCAL_DB_NAME = "notify"
 class Settings:
     stack_dir: Path
     cache_dir: Path
+    templates_dir: Path
     kafka_bootstrap_servers: str | None
     kafka_port: int
     kafka_controller_port: int
@@ -395,6 +410,7 @@ class Settings:
     exporter_interval_s: float
     provider_prices_usd: tuple[tuple[str, float], ...]
     api_port: int
+    console_secret: str | None
     log_level: str
     ready_timeout_s: int
     sender_max_in_flight: int
@@ -423,6 +439,8 @@ class Settings:
     twilio_account_sid: str
     twilio_auth_token: str
     twilio_from: str
+    twilio_test_account_sid: str
+    twilio_test_auth_token: str
     termii_base_url: str | None
     termii_api_key: str
     termii_secret_key: str

@@ -77,16 +77,23 @@ def parse_datetime(raw: str) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
-def replay(settings: Settings, group: str, topic: str, *, to_datetime: str | None = None,
-           to_offset: int | None = None, shift_by: int | None = None, dry_run: bool = False,
-           out: Callable[[str], None] = print) -> list[Move]:
+@dataclass(frozen=True)
+class Plan:
+    """What a reset would do: each partition's move, and the group's active members (Kafka refuses the reset of a
+    group in use, so a plan with members cannot be applied yet)."""
+
+    group: str
+    topic: str
+    moves: list[Move]
+    members: list[str]
+
+
+def plan(settings: Settings, group: str, topic: str, *, to_datetime: str | None = None,
+         to_offset: int | None = None, shift_by: int | None = None) -> Plan:
+    """The moves of a reset, read from the cluster, changing nothing (the ops console's replay planner shows it)."""
     admin = kafka.admin(settings)
     description = admin.describe_consumer_groups([group])[group].result(timeout=15)
-    if description.members:
-        names = ", ".join(sorted(f"{m.client_id}@{m.host}" for m in description.members))
-        raise ReplayError(f"group {group} has {len(description.members)} active member(s) ({names}); stop its "
-                          "workers first, then reset, then start them again (Kafka refuses to move the offsets of "
-                          "a group in use)")
+    members = sorted(f"{m.client_id}@{m.host}" for m in description.members)
     consumer = kafka.consumer(settings, group)  # never subscribes: reads watermarks and the committed offsets
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -107,6 +114,19 @@ def replay(settings: Settings, group: str, topic: str, *, to_datetime: str | Non
         moves = targets(current, to_offset=to_offset, shift_by=shift_by, by_time=by_time)
     finally:
         consumer.close()
+    return Plan(group, topic, moves, members)
+
+
+def replay(settings: Settings, group: str, topic: str, *, to_datetime: str | None = None,
+           to_offset: int | None = None, shift_by: int | None = None, dry_run: bool = False,
+           out: Callable[[str], None] = print) -> list[Move]:
+    planned = plan(settings, group, topic, to_datetime=to_datetime, to_offset=to_offset, shift_by=shift_by)
+    if planned.members:
+        raise ReplayError(f"group {group} has {len(planned.members)} active member(s) ({', '.join(planned.members)}); "
+                          "stop its workers first, then reset, then start them again (Kafka refuses to move the "
+                          "offsets of a group in use)")
+    moves = planned.moves
+    admin = kafka.admin(settings)
     out(f"{'partition':>9} {'committed':>10} {'new':>10} {'low':>10} {'high':>10}")
     for move in moves:
         shown = "-" if move.committed is None else str(move.committed)

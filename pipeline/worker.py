@@ -25,6 +25,7 @@ from typing import Protocol
 from pipeline import aio, health, kafka
 from pipeline.config import Settings
 from pipeline.domain import LANES, STAGES, Lane
+from pipeline.policy import templates
 from pipeline.reconcile import Reconciler
 from pipeline.stages import intake, preferences, receipts, retry, routing, sender
 from pipeline.stages.runtime import LANE_FREE_STAGES, StageContext, StageRunner
@@ -101,6 +102,7 @@ def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     _setup_logging(settings)
+    templates.validate(settings.templates_dir)  # fail fast: an invalid templates/ would fail every send
     ctx = StageContext(settings=settings, stage=stage, lane=lane, producer=kafka.producer(settings))
     runner = _builders(settings)[stage](ctx)
     port = metrics_port(settings, stage, lane)
@@ -133,6 +135,7 @@ def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[s
             with_exporter: bool = True) -> int:
     """One child process per stage and lane (and the lag exporter), restarted when it dies; SIGTERM/SIGINT stop
     them all."""
+    templates.validate(settings.templates_dir)  # once here, rather than each child dying of it again and again
     commands = {f"{stage}/{lane}": ["worker", "--stage", stage, "--lane", lane]
                 for stage, lane in processes(lanes, stages)}
     if with_exporter:

@@ -91,7 +91,7 @@ class Pipeline:
         return value
 
     def produce(self, *requests: dict[str, Any], raw: bytes | None = None, lane: str = "critical",
-                headers: dict[str, bytes] | None = None) -> None:
+                headers: dict[str, str | bytes | None] | None = None) -> None:
         producer = kafka.producer(self.settings)
         for request in requests:
             topic = topics.requests_topic("critical" if request["type"] in ("otp", "security", "transaction")

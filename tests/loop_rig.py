@@ -185,7 +185,9 @@ def assert_each_once(rig: LoopRig, ids: Sequence[str]) -> None:
 
 
 def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGES,
-               env: dict[str, str] | None = None, exporter: bool = False) -> Iterator[LoopRig]:
+               env: dict[str, str] | None = None, exporter: bool = False,
+               api_env: dict[str, str] | None = None) -> Iterator[LoopRig]:
+    """The rig; `api_env` is added to the API's environment alone (after the rest)."""
     prefix = f"{name}{uuid.uuid4().hex[:8]}."
     api_port = free_port_block(1)
     mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block(), api_port=api_port)
@@ -197,7 +199,9 @@ def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGE
     api_log = (mine.stack_dir / f"{name}-api-{prefix.strip('.')}.log").open("wb")
     api = subprocess.Popen([sys.executable, "-m", "pipeline", "api", "--port", str(api_port)],
                            env={**os.environ, **env, "NOTIFY_TOPIC_PREFIX": prefix,
-                                "NOTIFY_METRICS_PORT": str(free_port_block(1))},
+                                "NOTIFY_METRICS_PORT": str(free_port_block(1)),
+                                **{k: v.format(metrics_port=mine.metrics_port, api_port=api_port)
+                                   for k, v in (api_env or {}).items()}},
                            cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
     workers = Workers.start(mine, stages=stages, env=env, exporter=exporter)
     rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages, exporter,

@@ -168,7 +168,7 @@ def test_a_request_needs_exactly_one_of_template_and_content_and_a_future_expiry
 
 
 def test_a_template_the_sender_could_not_render_is_refused_before_anything_is_produced() -> None:
-    known = ", ".join(sorted(templates.CATALOGUE))
+    known = ", ".join(templates.template_ids())
     assert problems_of(otp("u", template_id="promo.nov")) == {
         "template_id": f"no template 'promo.nov'; known: {known}"}
     assert problems_of(otp("u", template_params={})) == {"template_params": "template 'otp.login' needs code"}

@@ -311,8 +311,9 @@ def test_the_image_holds_every_file_the_processes_read_at_runtime() -> None:
     ignored = [line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     needed = [serde.SCHEMAS_DIR, topics.TOPICS_FILE, migrate.MIGRATIONS_DIR, ratelimit_policy.DEFAULT_POLICY_PATH,
-              fcm_push.SIMULATOR_ACCOUNT, config.load({}).apns_private_key, REPO_ROOT / "pyproject.toml",
-              REPO_ROOT / "requirements.lock", REPO_ROOT / "pipeline", REPO_ROOT / "connectors"]
+              fcm_push.SIMULATOR_ACCOUNT, config.load({}).apns_private_key, config.load({}).templates_dir,
+              REPO_ROOT / "pyproject.toml", REPO_ROOT / "requirements.lock", REPO_ROOT / "pipeline",
+              REPO_ROOT / "connectors"]
     for path in needed:
         relative = path.relative_to(REPO_ROOT).as_posix()
         assert path.exists(), relative

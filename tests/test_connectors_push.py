@@ -277,6 +277,30 @@ async def test_a_programmed_5xx_and_an_outage_are_transient_and_sending_works_ag
 
 
 @pytest.mark.parametrize("provider", PUSH)
+async def test_a_fault_programmed_for_one_device_token_fails_its_next_pushes_only(provider: str) -> None:
+    flaky, steady = PUSH_TO[provider], {"fcm": "dXk3:APA91bH-steady-device", "apns": "cd" * 32}[provider]
+    async with simulated() as env:
+        connector = env.connector(provider)
+        await env.configure(provider, device_faults={flaky: ["outage", "permanent"]})
+        down = await connector.send(message(provider, "n-1", to=flaky))
+        assert (down.kind, down.reason, down.error_code) == (
+            "transient", "server_error", {"fcm": "UNAVAILABLE", "apns": "ServiceUnavailable"}[provider]), down
+        assert (await connector.send(message(provider, "n-1", to=steady))).kind == "accepted"
+        gone = await connector.send(message(provider, "n-1", to=flaky))
+        assert (gone.kind, gone.reason) == ("permanent", "invalid_recipient"), gone
+        assert (await connector.send(message(provider, "n-1", to=flaky))).kind == "accepted"  # the list is used up
+        assert [e["to"] for e in await env.ledger()] == [steady, flaky]
+        async with env.http.get(f"{env.sim_url}/_admin/providers") as resp:
+            assert (await resp.json())[provider]["device_faults"] == {}
+        async with env.http.post(f"{env.sim_url}/_admin/providers/twilio", json={"device_faults": {"x": ["5xx"]}}
+                                 ) as resp:
+            assert resp.status == 400  # push providers only
+        async with env.http.post(f"{env.sim_url}/_admin/providers/{provider}",
+                                 json={"device_faults": {flaky: ["down"]}}) as resp:
+            assert resp.status == 400 and "device_faults" in await resp.text()
+
+
+@pytest.mark.parametrize("provider", PUSH)
 async def test_429_is_transient_with_the_retry_after_the_provider_asked_for(provider: str) -> None:
     async with simulated() as env:
         await env.configure(provider, error_rates={"429": 1.0}, retry_after_s=2)

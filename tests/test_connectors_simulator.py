@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import socket
 import time
@@ -83,6 +84,24 @@ async def test_concurrent_twilio_sends_each_get_their_own_answer() -> None:
                                           for i, to in enumerate(recipients)))
         assert [o.kind for o in outcomes] == ["permanent" if i % 3 == 0 else "accepted" for i in range(12)]
         assert len(await env.ledger(provider="twilio")) == 8
+
+
+async def test_twilio_test_mode_uses_the_test_credentials_and_lands_in_test_sends_not_the_ledger() -> None:
+    async with simulated() as env:
+        twilio = env.connector("twilio")
+        shadow = dataclasses.replace(message("twilio", "n-shadow"), test_mode=True)
+        outcome = await twilio.send(shadow)
+        assert (outcome.kind, outcome.reason) == ("accepted", "ok"), outcome
+        refused = await twilio.send(dataclasses.replace(shadow, to="+15005550001"))
+        assert (refused.kind, refused.error_code) == ("permanent", "21211")  # checked like a real send
+        async with env.http.get(f"{env.sim_url}/_admin/test-sends?provider=twilio") as resp:
+            [entry] = (await resp.json())["entries"]
+        assert (entry["notification_id"], entry["provider_message_id"]) == ("n-shadow", outcome.provider_message_id)
+        assert await env.ledger() == []  # nobody received it
+        wrong = await env.connector("twilio", test_auth_token="not-the-test-token").send(shadow)
+        assert (wrong.kind, wrong.reason) == ("permanent", "auth")
+        with pytest.raises(ValueError, match="no test mode"):
+            await env.connector("termii").send(dataclasses.replace(message("termii"), test_mode=True))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

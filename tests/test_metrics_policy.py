@@ -11,7 +11,8 @@ from pipeline import config, metrics
 from pipeline.config import REPO_ROOT
 from pipeline.errors import ConfigError
 from pipeline.exporter import GroupLabels, build_snapshot, group_labels, lag
-from pipeline.policy.cost import message_cost, sms_segments
+from pipeline.policy.cost import message_cost
+from pipeline.policy.sms import segments as sms_segments
 from pipeline.policy.user_settings import opt_out_changes
 
 # ---------------------------------------------------------------------------------------- metric declarations

@@ -254,7 +254,8 @@ def test_a_quarantined_request_redriven_after_the_fix_is_queued_once_and_a_secon
     pipeline.wait_for(lambda: "queued" in pipeline.statuses(holder["notification_id"]), what="the holder queued")
     reused = pipeline.request(user(), "otp", notification_id=holder["notification_id"])  # the id, another request
     since = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
-    upstream = {"traceparent": b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}  # upstream's headers
+    trace = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    upstream: dict[str, str | bytes | None] = {"traceparent": trace}  # upstream's own headers
     pipeline.produce(reused, headers=upstream)
     key = {"key": reused["user_id"]}
 

@@ -52,7 +52,8 @@ def test_every_wrong_field_is_named_at_once() -> None:
     fields = [p.field for p in raised.value.problems]
     assert sorted(set(fields)) == sorted({
         "", "timezone", "digest", "channel_preference", "categories.spam", "categories.marketing",
-        "categories.marketing.opted_out_channels", "categories.portfolio.digest", "quiet_hours.start", "contacts.phone", "contacts.email",
+        "categories.marketing.opted_out_channels", "categories.portfolio.digest", "quiet_hours.start",
+        "contacts.phone", "contacts.email",
         "contacts.device_tokens[0]"})
 
 

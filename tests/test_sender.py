@@ -245,6 +245,25 @@ def test_email_goes_through_sendgrid_and_is_shadowed_to_mailgun_in_test_mode(fre
     assert set(ids) <= shadowed  # the candidate saw the same traffic, and no user got a second email
 
 
+def test_a_templated_email_carries_its_html_part_escaped_and_its_text_part_as_written(fresh: Rig) -> None:
+    params = {"amount": "5,000.00", "currency": "NGN", "account": "****1234", "merchant": "<b>Tom & Jerry</b>"}
+    [nid] = fresh.run([make_task(notification_type="transaction", channel="email", content=None,
+                                 template_id="transaction.debit", template_params=params)])
+    fresh.wait([nid])
+    [sent] = fresh.ledger_of([nid])
+    assert sent["provider"] == "sendgrid" and sent["subject"] == "Debit alert"
+    assert sent["body"] == "Debit of 5,000.00 NGN on account ****1234 at <b>Tom & Jerry</b>."
+    assert sent["html"] == ("<p>Debit of <strong>5,000.00 NGN</strong> on account ****1234 at "
+                            "&lt;b&gt;Tom &amp; Jerry&lt;/b&gt;.</p>")
+    deadline = time.monotonic() + 10  # the shadow copy went to Mailgun as a form with the same two parts
+    shadow: list[dict[str, Any]] = []
+    while not shadow and time.monotonic() < deadline:
+        shadow = [e for e in fresh.sim.call("GET", "/_admin/test-sends?provider=mailgun")["entries"]
+                  if e["notification_id"] == nid]
+        time.sleep(0.2)
+    assert [(e["body"], e["html"]) for e in shadow] == [(sent["body"], sent["html"])]
+
+
 def test_expired_and_unrenderable_tasks_reach_a_final_state_without_a_send(fresh: Rig) -> None:
     stale = make_task(ttl=-datetime.timedelta(seconds=1))
     broken = make_task(content=None, template_id="no.such.template")

@@ -19,7 +19,8 @@ answers 200 with `apns-id` (the one sent, else a new UUID) and no body, or {"rea
 64 hex characters (else 400 BadDeviceToken); one starting with "0000" is 410 Unregistered with a "timestamp".
 Faults: outage -> 503 ServiceUnavailable, 5xx -> 500 InternalServerError, 429 -> 429 TooManyRequests (with a
 Retry-After, which real APNs does not send), permanent -> 400 BadDeviceToken, hang -> accepted, recorded, never
-answered. There are no delivery receipts: APNs has none.
+answered; a fault programmed for the device token (device_faults) is answered the same way once the request passed
+auth and the header checks. There are no delivery receipts: APNs has none.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from connectors.apns_push import load_key
 from connectors.simulator.common import Simulator
+from connectors.simulator.state import Fault
 
 log = logging.getLogger("notify.simulator")
 
@@ -107,15 +109,21 @@ class ApnsHandler:
                 return reason(400, "BadMessageId")
         return None
 
-    async def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
-        state = self.sim.state
-        fault = await state.draw_fault(P)
+    def _busy(self, fault: Fault | None) -> Answer | None:
+        """APNs' answers to an outage, a 5xx or a 429 fault; None for the other faults."""
         if fault == "outage":
             return reason(503, "ServiceUnavailable")
         if fault == "5xx":
             return reason(500, "InternalServerError")
         if fault == "429":
-            return reason(429, "TooManyRequests", {"retry-after": f"{state.faults[P].retry_after_s:g}"})
+            return reason(429, "TooManyRequests", {"retry-after": f"{self.sim.state.faults[P].retry_after_s:g}"})
+        return None
+
+    async def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+        state = self.sim.state
+        fault = await state.draw_fault(P)
+        if (busy := self._busy(fault)) is not None:
+            return busy
         match = re.fullmatch(r"/3/device/([^/?]*)", path)
         if match is None:
             return reason(404, "BadPath")
@@ -128,6 +136,9 @@ class ApnsHandler:
         device = match.group(1)
         if not device:
             return reason(400, "MissingDeviceToken")
+        fault = state.device_fault(P, device) or fault  # programmed for this token: replaces the draw
+        if (busy := self._busy(fault)) is not None:
+            return busy
         if not TOKEN.match(device) or fault == "permanent":
             return reason(400, "BadDeviceToken")
         if headers["apns-topic"] != self.topic:

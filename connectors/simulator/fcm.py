@@ -16,7 +16,8 @@ Errors are Google's {"error": {"code", "message", "status", "details": [{"@type"
 Magic registration tokens (or installation ids, "fid"): "unregistered..." -> 404 UNREGISTERED; "invalid..." (or
 empty, or with whitespace) -> 400 INVALID_ARGUMENT; "mismatch..." -> 403 SENDER_ID_MISMATCH. Faults: outage ->
 503 UNAVAILABLE, 5xx -> 500 INTERNAL, 429 -> 429 QUOTA_EXCEEDED with Retry-After, permanent -> UNREGISTERED,
-hang -> accepted, recorded and never answered. The ledger entry has the notification id of
+hang -> accepted, recorded and never answered; a fault programmed for the token (device_faults) is answered the
+same way once the request passed auth and validation. The ledger entry has the notification id of
 data["notification_id"], the token as `to`, the notification's body and title, and the collapse key FCM got
 (android.collapse_key, else apns-collapse-id). There are no delivery receipts: FCM has none.
 """
@@ -39,7 +40,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connectors.fcm_push import FCM_ERROR_TYPE, service_account
-from connectors.simulator.common import SIM, json_response, sim_of
+from connectors.simulator.common import SIM, Simulator, json_response, sim_of
+from connectors.simulator.state import Fault
 
 P = "fcm"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -163,9 +165,8 @@ def _collapse_id(message: dict[str, Any]) -> str | None:
     return str(value) if value else None
 
 
-async def send(request: web.Request) -> web.Response:
-    sim = sim_of(request)
-    fault = await sim.state.draw_fault(P)
+def _busy(sim: Simulator, fault: Fault | None) -> web.Response | None:
+    """FCM's answers to an outage, a 5xx or a 429 fault; None for the other faults."""
     if fault == "outage":
         return error(503, "UNAVAILABLE", "The service is currently unavailable.", "UNAVAILABLE")
     if fault == "5xx":
@@ -174,6 +175,14 @@ async def send(request: web.Request) -> web.Response:
         retry = f"{sim.state.faults[P].retry_after_s:g}"
         return error(429, "RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Send requests'.", "QUOTA_EXCEEDED",
                      headers={"Retry-After": retry})
+    return None
+
+
+async def send(request: web.Request) -> web.Response:
+    sim = sim_of(request)
+    fault = await sim.state.draw_fault(P)
+    if (busy := _busy(sim, fault)) is not None:
+        return busy
     auth = request.headers.get("Authorization", "")
     subject = access_token_subject(auth[7:]) if auth.startswith("Bearer ") else None
     if subject != request.app[ACCOUNT].email:
@@ -194,6 +203,9 @@ async def send(request: web.Request) -> web.Response:
         return invalid_message
     message: dict[str, Any] = body["message"]
     to = str(message.get("token") or message.get("fid") or message.get("topic") or message.get("condition"))
+    fault = sim.state.device_fault(P, to) or fault  # programmed for this token: replaces the draw
+    if (busy := _busy(sim, fault)) is not None:
+        return busy
     if ("token" in message or "fid" in message) and (rejected := _token_error(to)):
         return rejected
     if fault == "permanent":

@@ -71,6 +71,7 @@ async def messages(request: web.Request) -> web.Response:
     message_id = f"{stamp}.{secrets.token_hex(8)}@{sim.settings.mailgun_domain}"
     entry = sim.state.accept(P, message_id, notification_id=variables.get("notification_id"), to=address,
                              sender=sender, body=str(form.get("text", "")), subject=str(form.get("subject")),
+                             html=str(form["html"]) if form.get("html") else None,
                              fails=address.endswith("@" + BOUNCE_DOMAIN), test_mode=testmode)
     if testmode:  # o:testmode: accepted and answered as usual, never delivered, no webhooks
         return json_response(200, {"id": f"<{message_id}>", "message": "Queued. Thank you."})

@@ -120,10 +120,11 @@ async def mail_send(request: web.Request) -> web.Response:
     custom = {**(mail.get("custom_args") or {}), **(first.get("custom_args") or {})}
     sandbox = bool(((mail.get("mail_settings") or {}).get("sandbox_mode") or {}).get("enable"))
     content = mail.get("content") or [{"value": ""}]
+    html = next((str(c.get("value")) for c in content if isinstance(c, dict) and c.get("type") == "text/html"), None)
     message_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode()[:22]
     entry = sim.state.accept(P, message_id, notification_id=custom.get("notification_id"), to=to,
                              sender=str(mail["from"]["email"]), body=str(content[0].get("value", "")),
-                             subject=mail.get("subject") or first.get("subject"),
+                             subject=mail.get("subject") or first.get("subject"), html=html,
                              fails=to.endswith("@" + BOUNCE_DOMAIN), test_mode=sandbox)
     if sandbox:  # sandbox mode: validated and answered 200, never delivered, no events
         return web.Response(status=200, headers={"X-Message-Id": message_id})

@@ -11,12 +11,18 @@ Faults (POST /_admin/providers/{name}, any subset of the keys; `error_rates` is 
      "undelivered_rate": 0.0,                                    # share of accepted messages that fail delivery
      "delivery_delay_ms": 500,                                   # accepted -> delivered (status API, callback)
      "lost_receipts": 0.0,                                       # share of receipts never posted (status API only)
-     "webhook_url": "http://..."}                                # receipts of this provider (null: none)
+     "webhook_url": "http://...",                                # receipts of this provider (null: none)
+     "device_faults": {"<push token>": ["outage", "5xx"]}}       # FCM, APNs: that token's next answers
 
 A request meets at most one fault, drawn after the latency in this order: outage, rate limit, then one draw over
 error_rates and accept_then_hang together. Outage, 5xx and 429 are answered before auth and input checks (the
 provider's front door is down or busy); the "permanent" fault and accept_then_hang only apply to requests that pass
 auth and validation.
+
+`device_faults` (push only; replaced as a whole) programs single devices: each request to that token takes the
+first fault of its list, instead of the draw, once it passed auth and validation; an emptied list is dropped and
+the token answers normally again. The faults are those above ("outage" is the provider's 503, UNAVAILABLE or
+ServiceUnavailable), so `{"tok": ["outage"]}` fails one push to that token transiently and accepts the next.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any, Literal
 PROVIDERS = ("twilio", "termii", "sendgrid", "mailgun", "fcm", "apns")
 ERROR_KINDS = ("5xx", "429", "permanent")
 Fault = Literal["outage", "5xx", "429", "permanent", "hang"]
+FAULTS: tuple[Fault, ...] = ("outage", "5xx", "429", "permanent", "hang")
+PUSH_PROVIDERS = ("fcm", "apns")
 
 
 class FaultConfigError(ValueError):
@@ -52,6 +60,7 @@ class FaultConfig:
     lost_receipts: float = 0.0
     delivery_delay_ms: float = 500.0
     webhook_url: str | None = None
+    device_faults: dict[str, tuple[Fault, ...]] = field(default_factory=dict)  # push token -> its next answers
 
     def updated(self, changes: dict[str, Any]) -> FaultConfig:
         known = {f.name for f in fields(self)} - {"outage_until"} | {"outage_s"}
@@ -79,6 +88,8 @@ class FaultConfig:
             values["rate_limit_per_s"] = int(_number(values["rate_limit_per_s"], "rate_limit_per_s"))
         if values.get("webhook_url") is not None and not str(values["webhook_url"]).startswith("http"):
             raise FaultConfigError("webhook_url must be an http(s) URL or null")
+        if "device_faults" in values:
+            values["device_faults"] = _device_faults(values["device_faults"])
         new = replace(self, **values)
         if sum(new.error_rates.values()) + new.accept_then_hang > 1.0 + 1e-9:
             raise FaultConfigError("error_rates and accept_then_hang add up to more than 1")
@@ -95,6 +106,16 @@ def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise FaultConfigError(f"{key} must be a number >= 0, not {value!r}")
     return float(value)
+
+
+def _device_faults(value: Any) -> dict[str, tuple[Fault, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(token, str) and token and isinstance(faults, list) and set(faults) <= set(FAULTS)
+            for token, faults in value.items()):
+        raise FaultConfigError(f"device_faults must map push tokens to lists of {list(FAULTS)}")
+    return {token: tuple(faults) for token, faults in value.items() if faults}
 
 
 def _rate(value: Any, key: str) -> float:
@@ -123,6 +144,7 @@ class LedgerEntry:
     callback_url: str | None = None
     callbacks: list[dict[str, Any]] = field(default_factory=list)  # each attempt: url, status or error, at
     collapse_id: str | None = None  # push: the collapse key the provider received (FCM android, APNs header)
+    html: str | None = None  # email: the HTML part, when the message had one
 
     def status(self, now: float | None = None) -> Literal["accepted", "delivered", "failed"]:
         return self.final_status if (now or time.time()) >= self.deliver_at else "accepted"
@@ -158,8 +180,22 @@ class SimulatorState:
         self._window.clear()
 
     def configure(self, provider: str, changes: dict[str, Any]) -> FaultConfig:
+        if changes.get("device_faults") and provider not in PUSH_PROVIDERS:
+            raise FaultConfigError(f"device_faults is for push providers {list(PUSH_PROVIDERS)}, not {provider}")
         self.faults[provider] = self.faults[provider].updated(changes)
         return self.faults[provider]
+
+    def device_fault(self, provider: str, token: str) -> Fault | None:
+        """The next fault programmed for this push token (taken off its list), or None."""
+        cfg = self.faults[provider]
+        queued = cfg.device_faults.get(token)
+        if not queued:
+            return None
+        rest = {t: f for t, f in cfg.device_faults.items() if t != token}
+        if len(queued) > 1:
+            rest[token] = queued[1:]
+        self.faults[provider] = replace(cfg, device_faults=rest)
+        return queued[0]
 
     def count(self, provider: str, what: str) -> None:
         self.counters[(provider, what)] += 1
@@ -189,7 +225,7 @@ class SimulatorState:
 
     def accept(self, provider: str, provider_message_id: str, *, notification_id: str | None, to: str, sender: str,
                body: str, subject: str | None = None, fails: bool = False, test_mode: bool = False,
-               collapse_id: str | None = None) -> LedgerEntry:
+               collapse_id: str | None = None, html: str | None = None) -> LedgerEntry:
         """Record an accepted message; it fails delivery when `fails` (a magic recipient) or by undelivered_rate.
 
         A test-mode send (shadow traffic) goes to `test_sends`, not the ledger: the provider checked and answered
@@ -202,7 +238,7 @@ class SimulatorState:
             seq=len(self.ledger) + 1, provider=provider, provider_message_id=provider_message_id,
             notification_id=notification_id, to=to, sender=sender, body=body, subject=subject, accepted_at=now,
             deliver_at=now + cfg.delivery_delay_ms / 1000, final_status="failed" if failed else "delivered",
-            collapse_id=collapse_id,
+            collapse_id=collapse_id, html=html,
         )
         if test_mode:
             self.test_sends.append(entry)

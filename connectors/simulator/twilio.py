@@ -8,7 +8,8 @@ most 1000) and Page. Basic auth with the account SID and auth token. Errors are 
 "more_info", "status"}. The status callback is the form Twilio POSTs to StatusCallback, signed in
 X-Twilio-Signature (HMAC-SHA1 of the URL and the sorted parameters with the auth token:
 twilio.request_validator.RequestValidator). Our notification id travels in the StatusCallback URL (?nid=...), which
-is how the ledger learns it.
+is how the ledger learns it. A create with the account's test credentials (shadow sends) is answered the same way
+and recorded under /_admin/test-sends only: never delivered, never called back.
 """
 
 from __future__ import annotations
@@ -48,10 +49,18 @@ def error(status: int, code: int, message: str, headers: dict[str, str] | None =
     return json_response(status, body, headers)
 
 
-def _auth_error(request: web.Request) -> web.Response | None:
+def _test_credentials(request: web.Request) -> bool:
+    """Whether the request comes with the account's test credentials (a shadow send: answered, never delivered)."""
+    settings = sim_of(request).settings
+    return basic_auth(request) == (settings.twilio_test_account_sid, settings.twilio_test_auth_token)
+
+
+def _auth_error(request: web.Request, *, test: bool = False) -> web.Response | None:
     sim = sim_of(request)
     creds = basic_auth(request)
-    if creds is None or creds != (sim.settings.twilio_account_sid, sim.settings.twilio_auth_token):
+    expected = ((sim.settings.twilio_test_account_sid, sim.settings.twilio_test_auth_token) if test
+                else (sim.settings.twilio_account_sid, sim.settings.twilio_auth_token))
+    if creds is None or creds != expected:
         body = {"code": 20003, "detail": "Your AccountSid or AuthToken was incorrect.", "message": "Authenticate",
                 "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401}
         return json_response(401, body, {"WWW-Authenticate": 'Basic realm="Twilio API"'})
@@ -102,7 +111,8 @@ async def create_message(request: web.Request) -> web.Response:
     if fault == "429":
         retry = f"{sim.state.faults[P].retry_after_s:g}"
         return error(429, 20429, "Too Many Requests", {"Retry-After": retry})
-    if denied := _auth_error(request):
+    test = _test_credentials(request)  # messages create is the one resource test credentials may use
+    if denied := _auth_error(request, test=test):
         return denied
     form = await request.post()
     to, sender = str(form.get("To", "")), str(form.get("From", form.get("MessagingServiceSid", "")))
@@ -121,13 +131,16 @@ async def create_message(request: web.Request) -> web.Response:
         return error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
     callback_url = str(callback) if callback else None
     nid = parse_qs(urlsplit(callback_url).query).get("nid", [None])[0] if callback_url else None
-    entry = sim.state.accept(P, "SM" + secrets.token_hex(16), notification_id=nid, to=to, sender=sender, body=body)
-    sim.schedule_callback(entry, callback_url, lambda e, url: status_callback(e, url, sim.settings.twilio_account_sid,
-                                                                              sim.settings.twilio_auth_token))
+    entry = sim.state.accept(P, "SM" + secrets.token_hex(16), notification_id=nid, to=to, sender=sender, body=body,
+                             test_mode=test)
+    if not test:  # test credentials never deliver, so they never call back
+        sim.schedule_callback(entry, callback_url, lambda e, url: status_callback(
+            e, url, sim.settings.twilio_account_sid, sim.settings.twilio_auth_token))
     if fault == "hang":
         entry.hung = True
         await sim.state.hang()
-    return json_response(201, resource(entry, sim.settings.twilio_account_sid))
+    return json_response(201, resource(entry, sim.settings.twilio_test_account_sid if test
+                                       else sim.settings.twilio_account_sid))
 
 
 async def _read_refused(sim: Simulator, request: web.Request) -> web.Response | None:

@@ -19,11 +19,12 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import db, health, metrics
-from pipeline.api import auth, ingest, user_settings, webhooks
+from pipeline import console, db, health, metrics
+from pipeline.api import auth, ingest, notifications, user_settings, webhooks
 from pipeline.api.openapi import openapi_document
 from pipeline.client import FLUSH_TIMEOUT_S, NotificationProducer
 from pipeline.config import Settings
+from pipeline.policy import templates
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ def create_app(settings: Settings, *, producer: NotificationProducer | None = No
     app = web.Application(client_max_size=ingest.MAX_BODY_BYTES, middlewares=[metrics_middleware])
     auth.setup(app, settings, cache_ttl_s=key_cache_ttl_s)
     ingest.setup(app, settings)
+    notifications.setup(app, settings)
     user_settings.setup(app, settings, outbox)
     webhooks.setup(app, settings)
+    console.setup(app, settings)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", _ready_route(health.Readiness(settings)))
     app.router.add_get("/openapi.json", openapi_json)
@@ -123,6 +126,7 @@ async def run_api(settings: Settings, host: str = DEFAULT_HOST, port: int | None
                   shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
     """Serve `app` (default: create_app(settings)) on host:port (default settings.api_port) until SIGINT/SIGTERM
     or `stop` is set."""
+    templates.validate(settings.templates_dir)  # fail fast: an invalid templates/ would refuse every request
     app = app if app is not None else create_app(settings)
     port = settings.api_port if port is None else port
     stop = stop or asyncio.Event()

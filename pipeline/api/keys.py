@@ -1,8 +1,12 @@
-"""API keys of the ingest API: create, revoke, list (table api_keys, infra/migrations/0002_api_keys.sql).
+"""API keys of the HTTP API: create, revoke, list (table api_keys, infra/migrations/0002_api_keys.sql; scopes 0011).
 
 A key reads `nk_<key_id>_<secret>`: key_id is 12 hex digits (public: lists, logs), secret is 32 random bytes in
 URL-safe base64. Only sha256(secret) is stored: with 256 random bits there is nothing to brute-force, so a fast
 hash is right, and a leaked table grants nothing. The full key is returned once, by `create_key`.
+
+Each key has scopes: `ingest` (submit notifications, the settings API; the default, and what every key made before
+scopes existed has), `read` (the read API, for the notifications of the key's own service) and `admin` (all of it,
+every service's notifications, and the ops console). `allows` is the one rule.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import datetime
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from pipeline import db
 from pipeline.config import Settings
@@ -23,6 +28,30 @@ KEY_PREFIX: Final = "nk"
 SECRET_BYTES: Final = 32
 _KEY = re.compile(r"^nk_(?P<key_id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})$")
 _SERVICE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+Scope = Literal["ingest", "read", "admin"]
+SCOPES: Final[tuple[Scope, ...]] = ("ingest", "read", "admin")
+DEFAULT_SCOPES: Final[tuple[Scope, ...]] = ("ingest",)
+
+
+def allows(scopes: Sequence[str], required: Scope) -> bool:
+    """Whether a key with `scopes` may do what needs `required`: admin may do everything."""
+    return required in scopes or "admin" in scopes
+
+
+def may_read(scopes: Sequence[str], key_service: str, source_service: str) -> bool:
+    """Whether a key may read a notification produced by `source_service`: its own service's, or any with admin."""
+    return "admin" in scopes or ("read" in scopes and source_service == key_service)
+
+
+def normalise_scopes(scopes: Sequence[str]) -> tuple[Scope, ...]:
+    """Known scopes, each once, in SCOPES order; ApiKeyError naming an unknown one, or none given."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ApiKeyError(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+    if not scopes:
+        raise ApiKeyError(f"a key needs at least one scope of {', '.join(SCOPES)}")
+    return tuple(s for s in SCOPES if s in scopes)
 
 
 class ApiKeyError(NotifyError):
@@ -37,6 +66,7 @@ class ApiKeyInfo:
     service: str
     created_at: datetime.datetime
     revoked_at: datetime.datetime | None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
 
     @property
     def active(self) -> bool:
@@ -50,6 +80,7 @@ class ActiveKey:
     key_id: str
     service: str
     key_hash: str
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
 
 
 def hash_secret(secret: str) -> str:
@@ -62,16 +93,17 @@ def parse_key(presented: str) -> tuple[str, str] | None:
     return (match["key_id"], match["secret"]) if match else None
 
 
-def create_key(settings: Settings, service: str) -> tuple[str, str]:
-    """A new key for `service`: (key_id, api_key). Show api_key (`nk_<key_id>_<secret>`) once; it cannot be
-    recovered, only revoked and replaced."""
+def create_key(settings: Settings, service: str, scopes: Sequence[str] = DEFAULT_SCOPES) -> tuple[str, str]:
+    """A new key for `service` with `scopes`: (key_id, api_key). Show api_key (`nk_<key_id>_<secret>`) once; it
+    cannot be recovered, only revoked and replaced."""
     if not _SERVICE.match(service):
         raise ApiKeyError(f"service {service!r}: use 1 to 100 letters, digits, '.', '_' or '-'")
+    chosen = list(normalise_scopes(scopes))
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(SECRET_BYTES)
     with db.connect(settings) as conn, conn.transaction():
-        conn.execute("INSERT INTO api_keys (key_id, service, key_hash) VALUES (%s, %s, %s)",
-                     (key_id, service, hash_secret(secret)))
+        conn.execute("INSERT INTO api_keys (key_id, service, key_hash, scopes) VALUES (%s, %s, %s, %s)",
+                     (key_id, service, hash_secret(secret), chosen))
     return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
@@ -88,9 +120,9 @@ def list_keys(settings: Settings) -> list[ApiKeyInfo]:
     """Every key, newest first, revoked ones included."""
     with db.connect(settings) as conn:
         rows = conn.execute(
-            "SELECT key_id, service, created_at, revoked_at FROM api_keys ORDER BY created_at DESC, key_id"
+            "SELECT key_id, service, created_at, revoked_at, scopes FROM api_keys ORDER BY created_at DESC, key_id"
         ).fetchall()
-    return [ApiKeyInfo(*row) for row in rows]
+    return [ApiKeyInfo(row[0], row[1], row[2], row[3], tuple(row[4])) for row in rows]
 
 
 async def find_active_key(settings: Settings, key_id: str, *, timeout_s: float) -> ActiveKey | None:
@@ -100,7 +132,7 @@ async def find_active_key(settings: Settings, key_id: str, *, timeout_s: float) 
         pool = await db.async_pool(settings)
         async with pool.connection(timeout=timeout_s) as conn:
             cursor = await conn.execute(
-                "SELECT key_id, service, key_hash FROM api_keys WHERE key_id = %s AND revoked_at IS NULL",
+                "SELECT key_id, service, key_hash, scopes FROM api_keys WHERE key_id = %s AND revoked_at IS NULL",
                 (key_id,))
             row = await cursor.fetchone()
-    return None if row is None else ActiveKey(*row)
+    return None if row is None else ActiveKey(row[0], row[1], row[2], tuple(row[3]))

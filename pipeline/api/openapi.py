@@ -8,12 +8,14 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from pipeline.api import openapi_read
 from pipeline.api.auth import KEY_CACHE_TTL_S
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES, MAX_JSON_DEPTH
 from pipeline.api.webhooks import RECEIPT_PROVIDERS
 from pipeline.client import PLATFORMS
 from pipeline.domain import CHANNELS, LANE_OF_TYPE, MAX_ID_LENGTH, MAX_USER_ID_LENGTH, NOTIFICATION_TYPES
 from pipeline.policy import templates
+from pipeline.policy.user_settings import DIGESTS
 
 SMS_LIMIT = (f"When the notification may go by SMS (channels include sms, or are empty), the text it renders may "
              f"be at most {templates.MAX_SMS_CHARS} characters (UTF-16 units, as the providers count): 422 otherwise.")
@@ -70,7 +72,7 @@ _SCHEMAS: dict[str, Any] = {
                          "items": {"type": "string", "enum": list(CHANNELS)},
                          "description": "Channels to send on; empty or absent: chosen by the user's preference."},
             "recipient": {"oneOf": [_ref("Recipient"), {"type": "null"}]},
-            "template_id": {"type": ["string", "null"], "enum": [*sorted(templates.CATALOGUE), None],
+            "template_id": {"type": ["string", "null"], "enum": [*templates.template_ids(), None],
                             "description": "A template of the catalogue; template_params must give each of its "
                                            "placeholders (422 naming the missing ones otherwise)."},
             "template_params": {"type": ["object", "null"], "additionalProperties": {"type": "string"},
@@ -170,14 +172,20 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object", "propertyNames": {"enum": list(NOTIFICATION_TYPES)},
                 "additionalProperties": {"type": "object", "additionalProperties": False, "properties": {
                     "opted_in_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}},
-                    "opted_out_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}}}},
-                "description": "Per notification type: channel opt-outs (a marketing opt-out never blocks an OTP)."},
+                    "opted_out_channels": {"type": "array", "items": {"type": "string", "enum": list(CHANNELS)}},
+                    "digest": {"oneOf": [{"type": "null"}, {"type": "string", "enum": list(DIGESTS)}],
+                               "description": "This type's own digest choice (null: the user's `digest`); "
+                                              "ignored for critical types."}}},
+                "description": "Per notification type: channel opt-ins and opt-outs (a marketing opt-out never "
+                               "blocks an OTP) and a digest choice."},
             "quiet_hours": {"description": "Local window without non-critical notifications; start and end "
                                            "must differ (null: none).", "oneOf": [{"type": "null"}, {
                 "type": "object", "required": ["start", "end"], "additionalProperties": False,
                 "properties": {"start": _text("HH:MM local", pattern="^[0-2][0-9]:[0-5][0-9]$"),
                                "end": _text("HH:MM local, exclusive", pattern="^[0-2][0-9]:[0-5][0-9]$")}}]},
-            "digest": {"type": "string", "enum": ["none", "daily", "weekly"], "default": "none"},
+            "digest": {"type": "string", "enum": list(DIGESTS), "default": "none",
+                       "description": "Bulk-lane notifications gathered into one email per window: hourly, daily "
+                                      "at 08:00 or weekly on Monday at 08:00, in `timezone`."},
             "contacts": _ref("Recipient"),
         },
     },
@@ -243,7 +251,8 @@ def openapi_document() -> dict[str, Any]:
                            f"Revoked API keys stop working within {KEY_CACHE_TTL_S:.0f} s.",
         },
         "paths": {
-            "/v1/notifications": {"post": {"operationId": "createNotification", **_post(
+            "/v1/notifications/{notification_id}": openapi_read.ITEM,
+            "/v1/notifications": {"get": openapi_read.LIST, "post": {"operationId": "createNotification", **_post(
                 "Submit one notification", "Validated, then produced to the lane of its type.",
                 "NotificationRequest", "Accepted",
                 f"Kafka did not take the request: retry after Retry-After ({KAFKA_RETRY_AFTER_S} s) with the "
@@ -313,7 +322,7 @@ def openapi_document() -> dict[str, Any]:
                                       "responses": {"200": {"description": "OpenAPI 3.1 document."}}}},
         },
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **openapi_read.SCHEMAS},
             "securitySchemes": {
                 "bearerKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer nk_..."},
                 "headerKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

@@ -439,7 +439,7 @@ def run(made: Rig, plan: Plan, box: Box) -> Any:
 
 def _run(made: Rig, plan: Plan, box: Box, mine: Settings, token: str) -> Any:
     from pipeline.bench.procs import usage
-    from pipeline.bench.run import PhaseResult, drain, pg_delta, pg_stats, say
+    from pipeline.bench.run import PhaseResult, drain, pg_delta, pg_stats, pg_tables, pg_tables_delta, say
 
     env = {**made.env, "NOTIFY_TOPIC_PREFIX": mine.topic_prefix, "DATABASE_URL": mine.dsn}
     log = (made.settings.stack_dir / "bench" / f"baseline-{made.token}.log").open("wb")
@@ -469,7 +469,7 @@ def _run(made: Rig, plan: Plan, box: Box, mine: Settings, token: str) -> Any:
             time.sleep(0.2)
         time.sleep(1.0)  # the probe's receipt
         accepted_before = made.accepted()
-        pg_before = pg_stats(mine)
+        pg_before, tables_before = pg_stats(mine), pg_tables(mine)
         before = box.sample()
         started = time.monotonic()
         first_ms = load.now_ms()
@@ -489,6 +489,7 @@ def _run(made: Rig, plan: Plan, box: Box, mine: Settings, token: str) -> Any:
         result.usage = usage(before, after)
         time.sleep(1.0)
         result.extra["postgres"] = pg_delta(pg_before, pg_stats(mine))
+        result.extra["postgres_tables"] = pg_tables_delta(tables_before, pg_tables(mine))
         with psycopg.connect(mine.dsn) as conn:
             result.states = load.stamp_from_db(conn, {"t": timeline}, token).get("t", {})
         return result

@@ -148,6 +148,14 @@ def render(results: Mapping[str, Any]) -> str:
         for name in with_pg[0].extra["postgres"]:
             out.append(f"| {name} | " + " | ".join(f"{p.extra['postgres'][name] / p.accepted:.2f}"
                                                    for p in with_pg) + " |")
+    for phase in (p for p in with_pg if p.extra.get("postgres_tables")):
+        out += ["", f"## PostgreSQL reads per table, per notification ({phase.name})", "",
+                "From pg_stat_user_tables: a table read whole by a plan shows many rows read by seq scans.", "",
+                "| table | seq scans | rows read by seq scans | index scans | rows fetched by index |",
+                "|---|---:|---:|---:|---:|"]
+        for table, reads in phase.extra["postgres_tables"].items():
+            out.append(f"| {table} | " + " | ".join(f"{value / phase.accepted:.2f}" for value in reads.values())
+                       + " |")
     if burst is not None:
         out += ["", "## Memory", "", *memory_table(burst)]
     return "\n".join(out)

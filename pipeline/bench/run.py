@@ -339,7 +339,7 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
     producer = KafkaLoad(made.settings, made.codec)
     client = ApiClient(made.settings.api_port, made.api_key)
     accepted_before = made.accepted()
-    pg_before = pg_stats(made.settings)
+    pg_before, tables_before = pg_stats(made.settings), pg_tables(made.settings)
     before = box.sample()
     started = time.monotonic()
     first_ms = load.now_ms()
@@ -371,6 +371,7 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
     result.usage = usage(before, after)
     time.sleep(1.0)
     result.extra["postgres"] = pg_delta(pg_before, pg_stats(made.settings))
+    result.extra["postgres_tables"] = pg_tables_delta(tables_before, pg_tables(made.settings))
     with db.connect(made.settings) as conn:
         result.states = load.stamp_from_db(conn, {"t": timeline}, made.token).get("t", {})
     result.extra["via_api"] = via_api
@@ -457,6 +458,32 @@ def pg_stats(settings: Settings) -> dict[str, int]:
 
 def pg_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
     return {name: after.get(name, 0) - before.get(name, 0) for name in PG_STAT_NAMES}
+
+
+PG_TABLE_STATS = """
+SELECT relname, seq_scan, seq_tup_read, COALESCE(idx_scan, 0), COALESCE(idx_tup_fetch, 0)
+FROM pg_stat_user_tables
+"""
+PG_TABLE_NAMES = ("seq scans", "rows read by seq scans", "index scans", "rows fetched by index")
+
+
+def pg_tables(settings: Settings) -> dict[str, tuple[int, ...]]:
+    """Per table of the run's database: how it was read (which table a plan scans whole shows here)."""
+    with db.connect(settings) as conn:
+        rows = conn.execute(PG_TABLE_STATS).fetchall()
+    return {str(row[0]): tuple(int(v or 0) for v in row[1:]) for row in rows}
+
+
+def pg_tables_delta(before: Mapping[str, tuple[int, ...]], after: Mapping[str, tuple[int, ...]]
+                    ) -> dict[str, dict[str, int]]:
+    """What each table's reads were over a phase, for the tables read at all."""
+    out = {}
+    for table, now in sorted(after.items()):
+        was = before.get(table, (0,) * len(now))
+        delta = dict(zip(PG_TABLE_NAMES, (a - b for a, b in zip(now, was, strict=True)), strict=True))
+        if any(delta.values()):
+            out[table] = delta
+    return out
 
 
 DELIVERED = """

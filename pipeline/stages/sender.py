@@ -13,7 +13,9 @@ Per batch (up to NOTIFY_SENDER_MAX_IN_FLIGHT tasks, every channel of the lane):
    replay or a second worker after a rebalance) is skipped: nothing is sent twice.
 3. Send every claimed task at once, each through its provider list (pipeline/policy/providers.py): breakers (from
    Redis, read once per batch) and the providers' recent p95 latency against the task's time to live pick the
-   candidates; a transient failure falls over to the next provider within the same attempt.
+   candidates; a transient failure falls over to the next provider within the same attempt. A push is one send per
+   device, and pipeline/policy/push.py settles the delivery from the devices' results: a retry (and any re-send)
+   goes only to the devices that neither accepted nor failed for good, and the row stores that reduced task.
 4. Record: one statement moves every row to its outcome (`accepted` with the provider's id, `failed`,
    `retry_scheduled` with its due time, `unknown` for an ambiguous answer, which reconciliation resolves and
    nothing re-sends blindly), one statement appends every provider call to `notification_attempts`, one Redis
@@ -31,7 +33,6 @@ import datetime
 import json
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -46,10 +47,11 @@ from connectors.factory import create_connector
 from pipeline import db, metrics, serde, topics
 from pipeline.breaker import BreakerBoard
 from pipeline.domain import CHANNELS
-from pipeline.policy import cost, latest, recovery
+from pipeline.policy import cost, latest, push, recovery
 from pipeline.policy import providers as policy
 from pipeline.policy.preferences import CONSENT_REQUIRED, consent_refusal
 from pipeline.policy.regions import NO_PHONE, CountryLabels
+from pipeline.policy.shadow import ShadowResult, is_mirrored, shadow_columns, side
 from pipeline.policy.templates import Rendered, TemplateError, render
 from pipeline.stages import retry
 from pipeline.stages.runtime import (
@@ -93,6 +95,11 @@ SHADOW_OUTCOMES = metrics.counter(
     "notify_shadow_outcomes_total", "Shadow calls to a candidate provider, by outcome.",
     ["provider", "channel", "outcome"])
 SHADOW_MAX_IN_FLIGHT = 100  # shadow traffic never competes for more than this
+SHADOW_RESULTS_DROPPED = metrics.counter(
+    "notify_shadow_results_dropped_total", "Shadow comparisons not written to shadow_results (the buffer was full "
+    "or the database refused the flush).", ["reason"])
+SHADOW_FLUSH_S = 1.0  # shadow comparisons are written at most once a second per worker, one statement each time
+SHADOW_BUFFER_MAX = 10_000  # comparisons held while a flush is slow or the database is away; more are dropped
 
 CLAIM = """
 UPDATE deliveries d
@@ -101,7 +108,8 @@ SET state = 'sending', attempt_count = d.attempt_count + 1, lease_owner = %(owne
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[]) AS k(notification_id, channel)
 WHERE d.notification_id = k.notification_id AND d.channel = k.channel
   AND (d.state = 'queued' OR (d.state = 'retry_scheduled' AND d.next_attempt_at <= now() + interval '1 second'))
-RETURNING d.notification_id::text, d.channel, d.attempt_count, d.retry_tier, d.fallback_from
+RETURNING d.notification_id::text, d.channel, d.attempt_count, d.retry_tier, d.fallback_from,
+    CASE WHEN d.channel = 'push' THEN d.task END, d.channel = 'push' AND d.accepted_at IS NOT NULL
 """
 EXPIRE = """
 UPDATE deliveries d SET state = 'expired', last_error_code = 'expired', final_at = now(), next_attempt_at = NULL
@@ -134,18 +142,26 @@ WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.stat
 RETURNING d.notification_id::text, d.channel
 """
 # Only rows this worker still holds: if the lease expired and reconciliation took the row, its answer stands.
+# A push delivery that reached a device in an earlier attempt (accepted_at set while others were pending) keeps
+# that device's provider, message id and time; `task` is the reduced task of a push whose devices partly settled
+# (pipeline/policy/push.py), NULL to keep the stored one; `reached`: a push device accepted in this attempt.
 RECORD = """
 UPDATE deliveries d
-SET state = k.state, provider = COALESCE(k.provider, d.provider), provider_message_id = k.provider_message_id,
+SET state = k.state,
+    provider = CASE WHEN d.channel = 'push' AND d.accepted_at IS NOT NULL THEN d.provider
+                    ELSE COALESCE(k.provider, d.provider) END,
+    provider_message_id = CASE WHEN d.channel = 'push' AND d.accepted_at IS NOT NULL THEN d.provider_message_id
+                               ELSE k.provider_message_id END,
     last_error_code = k.code, last_error_message = k.message, next_attempt_at = k.next_attempt_at,
-    lease_owner = NULL, lease_expires_at = NULL, retry_tier = k.retry_tier,
-    accepted_at = CASE WHEN k.state = 'accepted' THEN now() ELSE d.accepted_at END,
+    lease_owner = NULL, lease_expires_at = NULL, retry_tier = k.retry_tier, task = COALESCE(k.task, d.task),
+    accepted_at = CASE WHEN d.channel = 'push' AND d.accepted_at IS NOT NULL THEN d.accepted_at
+                       WHEN k.state = 'accepted' OR k.reached THEN now() ELSE d.accepted_at END,
     final_at = CASE WHEN k.state IN ('failed', 'dead_lettered', 'expired') THEN now() ELSE d.final_at END
 FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(states)s::text[], %(providers)s::text[],
             %(provider_ids)s::text[], %(codes)s::text[], %(messages)s::text[], %(due)s::timestamptz[],
-            %(tiers)s::int[])
+            %(tiers)s::int[], %(tasks)s::bytea[], %(reached)s::bool[])
     AS k(notification_id, channel, state, provider, provider_message_id, code, message, next_attempt_at,
-         retry_tier)
+         retry_tier, task, reached)
 WHERE d.notification_id = k.notification_id AND d.channel = k.channel
   AND d.state = 'sending' AND d.lease_owner = %(owner)s
 RETURNING d.notification_id::text, d.channel
@@ -160,22 +176,39 @@ WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.acce
   AND d.state IN ('delivered', 'failed') AND d.provider_message_id = k.provider_message_id
 RETURNING d.notification_id::text, d.channel
 """
+# A push call's row names its device (platform, token fingerprint): the attempt log holds each device's outcome.
 ATTEMPTS = """
 INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, response_status,
-    provider_message_id, error_code, error_payload, started_at, finished_at, latency_ms)
+    provider_message_id, error_code, error_payload, started_at, finished_at, latency_ms, device_platform,
+    device_fingerprint)
 SELECT * FROM unnest(%(ids)s::uuid[], %(channels)s::text[], %(attempt_nos)s::int[], %(providers)s::text[],
     %(outcomes)s::text[], %(statuses)s::int[], %(provider_ids)s::text[], %(codes)s::text[], %(payloads)s::jsonb[],
-    %(started)s::timestamptz[], %(finished)s::timestamptz[], %(latencies)s::int[])
+    %(started)s::timestamptz[], %(finished)s::timestamptz[], %(latencies)s::int[], %(platforms)s::text[],
+    %(fingerprints)s::text[])
+"""
+
+SHADOW_RESULTS = """
+INSERT INTO shadow_results (notification_id, channel, lane,
+    primary_provider, primary_outcome, primary_code, primary_latency_ms, primary_encoding, primary_segments,
+    primary_length, candidate_provider, candidate_outcome, candidate_code, candidate_latency_ms, candidate_encoding,
+    candidate_segments, candidate_length)
+SELECT * FROM unnest(%(notification_ids)s::uuid[], %(channels)s::text[], %(lanes)s::text[],
+    %(primary_providers)s::text[], %(primary_outcomes)s::text[], %(primary_codes)s::text[],
+    %(primary_latencies_ms)s::float8[], %(primary_encodings)s::text[], %(primary_segments)s::int[],
+    %(primary_lengths)s::int[], %(candidate_providers)s::text[], %(candidate_outcomes)s::text[],
+    %(candidate_codes)s::text[], %(candidate_latencies_ms)s::float8[], %(candidate_encodings)s::text[],
+    %(candidate_segments)s::int[], %(candidate_lengths)s::int[])
 """
 
 
 @dataclass
 class Call:
-    """One provider call of an attempt (a fallback makes two)."""
+    """One provider call of an attempt (a fallback makes two; a push makes one per device)."""
 
     outcome: Outcome
     started_at: datetime.datetime
     finished_at: datetime.datetime
+    device: push.Device | None = None  # push: the device it went to
 
 
 @dataclass
@@ -193,6 +226,12 @@ class Job:
     retry: recovery.RetryStep | None = None  # set when every provider failed transiently
     accepted_by: Outcome | None = None
     last: Outcome | None = None
+    # push: whether a device accepted in an earlier attempt, the devices the send record lists, what this attempt
+    # came to per device, and the reduced task (the pending devices) that replaces the record's value downstream
+    accepted_before: bool = False
+    listed: tuple[push.Device, ...] = ()
+    plan: push.PushPlan | None = None
+    value: bytes | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -204,7 +243,8 @@ def messages_of(task: Mapping[str, Any], rendered: Rendered) -> list[tuple[Messa
     nid, channel = str(task["notification_id"]), task["channel"]
     if channel != "push":
         return [(Message(nid, channel, task.get("address") or "", rendered.body, subject=rendered.subject,
-                         template_id=task.get("template_id"), params=task.get("template_params") or {}), None)]
+                         html=rendered.html if channel == "email" else None, template_id=task.get("template_id"),
+                         params=task.get("template_params") or {}), None)]
     return [(Message(nid, "push", device["token"], rendered.body, subject=rendered.subject,
                      template_id=task.get("template_id"), collapse_key=nid), device["platform"])
             for device in task.get("device_tokens") or []]
@@ -219,8 +259,8 @@ def response_status(outcome: Outcome) -> int | None:
 
 
 class Sender:
-    def __init__(self, ctx: StageContext, board: BreakerBoard, *, connectors: Mapping[str, Connector] | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, ctx: StageContext, board: BreakerBoard, *,
+                 connectors: Mapping[str, Connector] | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.board = board
@@ -231,9 +271,10 @@ class Sender:
         self.latencies: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=200))
         self._shared_p95: dict[str, float] = {}
-        self.rng = rng or random.Random()
         self.shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_plan = dict(ctx.settings.shadow)  # channel -> (candidate provider, share)
+        self.shadow_results: list[ShadowResult] = []  # written by flush_shadow_results, off the batch's path
+        self._shadow_flush: asyncio.Task[None] | None = None
         self.prices = dict(ctx.settings.provider_prices_usd)
         for channel, providers in policy.DEFAULT_ORDER.items():
             for provider in providers:
@@ -264,6 +305,10 @@ class Sender:
     async def close(self) -> None:
         if self.shadow_tasks:
             await asyncio.wait(self.shadow_tasks, timeout=5)
+        for _ in range(2):  # a flush already under way, then what is left
+            if self._shadow_flush is not None:
+                await asyncio.wait([self._shadow_flush], timeout=5)
+            await self.flush_shadow_results()
         for made in self.connectors.values():
             await made.close()
         await self.board.aclose()
@@ -304,8 +349,9 @@ class Sender:
             rows = await (await conn.execute(CLAIM, {
                 "owner": self.owner, "lease_s": self.settings.sender_lease_s,
                 "ids": [k[0] for k in to_claim], "channels": [k[1] for k in to_claim]})).fetchall()
-        jobs = [Job(tasks[(nid, ch)], rendered[(nid, ch)], sources[(nid, ch)], attempt_no, tiers, fallback_from)
-                for nid, ch, attempt_no, tiers, fallback_from in rows]
+        jobs = [self._job(tasks[(nid, ch)], rendered[(nid, ch)], sources[(nid, ch)], attempt_no, tiers,
+                          fallback_from, stored, reached)
+                for nid, ch, attempt_no, tiers, fallback_from, stored, reached in rows]
         skipped = len(to_claim) - len(jobs)
         if skipped:
             self._skipped.inc(skipped)
@@ -325,6 +371,22 @@ class Sender:
             await self._record_surely(jobs)
         log.debug("batch: %d tasks, %d sent, %d skipped, %d unsendable/expired", len(tasks), len(jobs), skipped,
                   gone)
+
+    def _job(self, task: dict[str, Any], rendered: Rendered, record: Record, attempt_no: int, tiers: int,
+             fallback_from: str | None, stored: bytes | None, reached: bool | None) -> Job:
+        """A claimed delivery. A push goes only to the devices its row's stored task still lists: the record may be
+        one read again (a redelivery after a crash, a replay) that still names devices which accepted since."""
+        job = Job(task, rendered, record, attempt_no, tiers, fallback_from, accepted_before=bool(reached))
+        if task["channel"] != "push":
+            return job
+        job.listed = push.devices_of(task)
+        stored_devices = None
+        if stored is not None and bytes(stored) != record.value:
+            stored_devices = push.devices_of(self.ctx.codec.decode(bytes(stored), expected=serde.DELIVERY_TASK).value)
+        devices = push.still_pending(job.listed, stored_devices)
+        if devices != job.listed:
+            job.task = push.with_devices(task, devices)
+        return job
 
     async def _withdrawn_consent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
                                  keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -390,9 +452,17 @@ class Sender:
 
     async def _deliver(self, job: Job, breakers: dict[str, policy.BreakerState], probes: set[str]) -> None:
         try:
-            results = [await self._send_one(job, message, platform, breakers, probes)
-                       for message, platform in messages_of(job.task, job.rendered)]
-            job.state = policy.combine(results)
+            results: list[policy.DeliveryResult] = []
+            devices: list[push.DeviceResult] = []
+            for message, platform in messages_of(job.task, job.rendered):
+                results.append(await self._send_one(job, message, platform, breakers, probes))
+                if platform is not None:  # job.last: this device's last answer
+                    devices.append(push.DeviceResult(push.Device(platform, message.to), results[-1], job.last))
+            if job.task["channel"] == "push":
+                job.plan = push.settle(devices, accepted_before=job.accepted_before)
+                job.state, job.last = job.plan.state, job.plan.reported or job.last
+            else:
+                job.state = policy.combine(results)
         except Exception as exc:  # our bug, not the provider's: the send may have happened, so never re-send
             log.exception("sender failed on %s", job.key)
             job.state = "unknown"
@@ -426,12 +496,13 @@ class Sender:
             probing = seen.get(provider) == "half_open"
             if probing:
                 probes.discard(provider)
-            outcome = await self._call(job, provider, message)
+            outcome = await self._call(job, provider, message,
+                                       push.Device(platform, message.to) if platform is not None else None)
             job.last = outcome
             if probing:
                 await self.board.probe_done(provider, not policy.counts_against_provider(outcome.kind,
                                                                                          outcome.reason))
-            self._maybe_shadow(provider, message)
+            self._maybe_shadow(outcome, message)
             step = policy.after(outcome.kind, tried, len(chosen), outcome.reason)
             if step.action == "record_accepted":
                 job.accepted_by = job.accepted_by or outcome
@@ -444,14 +515,14 @@ class Sender:
                 return "retry_scheduled"
         return "retry_scheduled"  # unreachable: `after` ends the loop on the last candidate
 
-    async def _call(self, job: Job, provider: str, message: Message) -> Outcome:
+    async def _call(self, job: Job, provider: str, message: Message, device: push.Device | None = None) -> Outcome:
         started = utcnow()
         self._provider_in_flight(provider).inc()
         try:
             outcome = await self.connector(provider).send(message)
         finally:
             self._provider_in_flight(provider).dec()
-        job.calls.append(Call(outcome, started, utcnow()))
+        job.calls.append(Call(outcome, started, utcnow(), device))
         self.latencies[provider].append(outcome.latency_s)
         country = self.countries.of(message.to if message.channel == "sms" else None)
         self._provider_seconds(provider, message.channel, outcome.kind, country).observe(outcome.latency_s)
@@ -471,38 +542,69 @@ class Sender:
                      for c in job.calls)]
         base = retry.delivery_headers(nid, channel, self.ctx.lane, topics.send_topic(channel, self.ctx.lane),
                                       history)
+        value = job.value if job.value is not None else job.record.value  # a push: its pending devices only
         if job.retry.action == "retry":
             assert job.retry.due is not None
             tier_topic = self.tiers[job.retry.tier - 1][0]
-            self.ctx.send(tier_topic, job.record.key, job.record.value,
-                          retry.tier_headers(base, job.retry.tier, job.retry.due))
+            self.ctx.send(tier_topic, job.record.key, value, retry.tier_headers(base, job.retry.tier, job.retry.due))
             retry.SCHEDULED.labels(self.ctx.lane, channel, str(job.retry.tier)).inc()
             return
-        self.ctx.send(topics.DLQ, job.record.key, job.record.value, retry.dead_letter_headers(
+        self.ctx.send(topics.DLQ, job.record.key, value, retry.dead_letter_headers(
             base, job.retry.reason, f"{code}: {message}", job.record.source))
         retry.DEAD_LETTERED.labels(self.ctx.lane, channel, job.retry.reason).inc()
 
-    def _maybe_shadow(self, used: str, message: Message) -> None:
-        """Mirror a share of the channel's sends to the candidate provider in its test mode (never delivered)."""
+    def _maybe_shadow(self, primary: Outcome, message: Message) -> None:
+        """Mirror a share of the channel's sends to the candidate provider in its test mode (never delivered). The
+        share is drawn from the notification id, so a notification is mirrored on every call or on none."""
         plan = self.shadow_plan.get(message.channel)
-        if plan is None or plan[0] == used or self.rng.random() >= plan[1]:
+        if plan is None or plan[0] == primary.provider or not is_mirrored(message.notification_id, plan[1]):
             return
         if len(self.shadow_tasks) >= SHADOW_MAX_IN_FLIGHT:
             SHADOW_OUTCOMES.labels(plan[0], message.channel, "skipped").inc()
             return
-        task = asyncio.create_task(self._shadow(plan[0], replace(message, test_mode=True)))
+        task = asyncio.create_task(self._shadow(plan[0], replace(message, test_mode=True), primary))
         self.shadow_tasks.add(task)
         task.add_done_callback(self.shadow_tasks.discard)
 
-    async def _shadow(self, provider: str, message: Message) -> None:
+    async def _shadow(self, provider: str, message: Message, primary: Outcome) -> None:
+        started = time.perf_counter()
+        kind: str
         try:
             outcome = await self.connector(provider).send(message)
+            kind, code, latency_s = outcome.kind, outcome.error_code or outcome.reason, outcome.latency_s
         except Exception as exc:  # a shadow call must never affect real traffic
-            log.warning("shadow call to %s failed: %r", provider, exc)
-            SHADOW_OUTCOMES.labels(provider, message.channel, "error").inc()
+            log.warning("shadow call to %s for %s failed: %r", provider, message.notification_id, exc)
+            kind, code, latency_s = "error", type(exc).__name__, time.perf_counter() - started
+        SHADOW_SECONDS.labels(provider, message.channel).observe(latency_s)
+        SHADOW_OUTCOMES.labels(provider, message.channel, kind).inc()
+        if len(self.shadow_results) >= SHADOW_BUFFER_MAX:
+            SHADOW_RESULTS_DROPPED.labels("buffer_full").inc()
             return
-        SHADOW_SECONDS.labels(provider, message.channel).observe(outcome.latency_s)
-        SHADOW_OUTCOMES.labels(provider, message.channel, outcome.kind).inc()
+        try:
+            self.shadow_results.append(ShadowResult(
+                message.notification_id, message.channel, self.ctx.lane,
+                side(primary.provider, message.channel, message.body, outcome=primary.kind,
+                     code=primary.error_code or primary.reason, latency_s=primary.latency_s),
+                side(provider, message.channel, message.body, outcome=kind, code=code, latency_s=latency_s)))
+        except Exception:
+            log.exception("shadow comparison of %s failed", message.notification_id)
+
+    async def flush_shadow_results(self) -> None:
+        """Write the buffered comparisons in one statement, in a task of its own: the batch loop never waits for it,
+        and a slow or absent database only costs the comparisons (counted), never a send."""
+        if not self.shadow_results or (self._shadow_flush is not None and not self._shadow_flush.done()):
+            return
+        rows, self.shadow_results = self.shadow_results, []
+        self._shadow_flush = asyncio.create_task(self._write_shadow_results(rows))
+
+    async def _write_shadow_results(self, rows: list[ShadowResult]) -> None:
+        try:
+            pool = await db.async_pool(self.settings)
+            async with pool.connection(timeout=5) as conn:
+                await conn.execute(SHADOW_RESULTS, shadow_columns(rows))
+        except Exception as exc:
+            SHADOW_RESULTS_DROPPED.labels("database").inc(len(rows))
+            log.warning("writing %d shadow comparisons failed: %r; they are dropped", len(rows), exc)
 
     # ------------------------------------------------------------------------------------------- recording
 
@@ -533,6 +635,7 @@ class Sender:
         now = utcnow()
         states: list[str] = []
         provider_names, provider_ids, codes, messages, due, tiers = [], [], [], [], [], []
+        reduced: list[bytes | None] = []
         for job in jobs:
             final = job.accepted_by if job.state == "accepted" else job.last
             state: str = job.state
@@ -542,8 +645,15 @@ class Sender:
                                                      job.task.get("expires_at"))
                 state = {"retry": "retry_scheduled", "dead_letter": "dead_lettered", "expire": "expired"}[
                     job.retry.action]
+                if job.plan is not None:  # a push that reached a device ends accepted when its retries end
+                    state = push.after_retry_step(job.plan, job.retry.action)
+            if job.plan is not None and job.plan.pending and job.plan.pending != job.listed:
+                job.value = self.ctx.codec.encode(
+                    serde.DELIVERY_TASK, push.with_devices(job.task, job.plan.pending), trusted=True)
+            reduced.append(job.value)
             states.append(state)
-            provider_names.append(final.provider if final and final.provider != "none" else None)
+            owner = job.accepted_by or final  # the provider that goes with the message id
+            provider_names.append(owner.provider if owner and owner.provider != "none" else None)
             provider_ids.append(job.accepted_by.provider_message_id if job.accepted_by else None)
             code = None if state == "accepted" or final is None else final.error_code or final.reason
             codes.append("expired" if state == "expired" else code)
@@ -557,7 +667,8 @@ class Sender:
             recorded = await (await conn.execute(RECORD, {
                 "owner": self.owner, "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs],
                 "states": states, "providers": provider_names, "provider_ids": provider_ids, "codes": codes,
-                "messages": messages, "due": due, "tiers": tiers})).fetchall()
+                "messages": messages, "due": due, "tiers": tiers, "tasks": reduced,
+                "reached": [j.plan is not None and j.accepted_by is not None for j in jobs]})).fetchall()
             done = {(nid, ch) for nid, ch in recorded}
             overtaken = [(j, pid) for j, pid in zip(jobs, provider_ids, strict=True)
                          if pid is not None and j.key not in done]
@@ -577,7 +688,9 @@ class Sender:
                     "payloads": [Jsonb(json.loads(json.dumps(c.outcome.raw, default=str)))
                                  if c.outcome.raw is not None else None for _, c in calls],
                     "started": [c.started_at for _, c in calls], "finished": [c.finished_at for _, c in calls],
-                    "latencies": [round(c.outcome.latency_s * 1000) for _, c in calls]})
+                    "latencies": [round(c.outcome.latency_s * 1000) for _, c in calls],
+                    "platforms": [c.device.platform if c.device else None for _, c in calls],
+                    "fingerprints": [c.device.fingerprint if c.device else None for _, c in calls]})
         mine = {(nid, ch) for nid, ch in recorded}
         counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         for _, call in calls:
@@ -599,7 +712,9 @@ class Sender:
                           error_code=code, error_message=message, at=now)
             if job.retry is not None and state in ("retry_scheduled", "dead_lettered"):
                 self._park(job, code or "", message or "")
-            if state == "accepted" and job.task.get("created_at") is not None:
+            # when the user first has it: a push's first device to accept, even while other devices are pending
+            reached = job.plan.first_acceptance if job.plan is not None else state == "accepted"
+            if reached and job.task.get("created_at") is not None:
                 self._send_latency(channel, job.task["type"]).observe(
                     max(0.0, (now - job.task["created_at"]).total_seconds()))
 
@@ -611,5 +726,8 @@ def build(ctx: StageContext) -> Stage:
         window_s=settings.breaker_window_s, open_s=settings.breaker_open_s), prefix=settings.topic_prefix)
     sender = Sender(ctx, board)
     # every channel's send topic in one call: one claim and one record statement for the whole batch
-    return Stage(ctx, {topics.send_topic(ch, ctx.lane): sender.handle for ch in CHANNELS},
-                 batch_size=settings.sender_max_in_flight, closers=[sender.close])
+    stage = Stage(ctx, {topics.send_topic(ch, ctx.lane): sender.handle for ch in CHANNELS},
+                  batch_size=settings.sender_max_in_flight, closers=[sender.close])
+    if sender.shadow_plan:  # shadow comparisons go to shadow_results once a second, one statement each time
+        stage.every(SHADOW_FLUSH_S, f"flush-shadow-results-{ctx.lane}")(sender.flush_shadow_results)
+    return stage
