@@ -35,6 +35,25 @@ FINAL = ("delivered", "failed", "dead_lettered", "expired", "suppressed")
 
 
 @dataclasses.dataclass
+class SenderRig:
+    """Workers of the sending side and the simulator they send to: tasks seeded and produced, rows waited for."""
+
+    settings: Settings
+    sim: SimulatorProcess
+    workers: Workers
+
+    def run(self, tasks: Sequence[dict[str, Any]]) -> list[str]:
+        seed(self.settings, tasks)
+        produce(self.settings, tasks)
+        return [t["notification_id"] for t in tasks]
+
+    def wait(self, ids: Sequence[str], done: Sequence[str] = ("accepted",), timeout_s: float = 60) -> dict[str, str]:
+        seen = wait_states(self.settings, ids, done, timeout_s)
+        assert set(seen.values()) <= set(done), collections.Counter(seen.values())
+        return seen
+
+
+@dataclasses.dataclass
 class LoopRig:
     settings: Settings
     sim: SimulatorProcess

@@ -25,11 +25,12 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 from harness import start_pipeline
+from loop_rig import SenderRig
 from psycopg.types.json import Jsonb
 
 from pipeline import db, kafka, topics
 from pipeline.bench.rig import Workers, free_port_block
-from pipeline.bench.sender_rig import SimulatorProcess, make_task, produce, seed, wait_states
+from pipeline.bench.sender_rig import SimulatorProcess, make_task, produce
 from pipeline.breaker import BreakerBoard
 from pipeline.config import Settings
 from pipeline.policy.providers import BreakerPolicy
@@ -39,22 +40,7 @@ BREAKER = {"NOTIFY_BREAKER_MIN_CALLS": "10", "NOTIFY_BREAKER_WINDOW_S": "10", "N
            "NOTIFY_BREAKER_FAILURE_RATE": "0.5"}
 
 
-@dataclasses.dataclass
-class Rig:
-    settings: Settings
-    sim: SimulatorProcess
-    workers: Workers
-
-    def run(self, tasks: list[dict[str, Any]]) -> list[str]:
-        seed(self.settings, tasks)
-        produce(self.settings, tasks)
-        return [t["notification_id"] for t in tasks]
-
-    def wait(self, ids: list[str], done: tuple[str, ...] = ("accepted",), timeout_s: float = 60) -> dict[str, str]:
-        seen = wait_states(self.settings, ids, done, timeout_s)
-        assert set(seen.values()) <= set(done), collections.Counter(seen.values())
-        return seen
-
+class Rig(SenderRig):
     def attempts(self, ids: list[str]) -> list[tuple[str, int, str, str]]:
         with db.connect(self.settings) as conn:
             rows = conn.execute(

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from loop_rig import SenderRig
 
 from pipeline import db, kafka, serde, topics
 from pipeline.bench.rig import Workers, free_port_block
-from pipeline.bench.sender_rig import SimulatorProcess, make_task, produce, seed, wait_states
+from pipeline.bench.sender_rig import SimulatorProcess, make_task, produce, seed
 from pipeline.config import Settings
 from pipeline.policy.push import fingerprint
 
@@ -25,22 +26,7 @@ ANDROID = "dXk3:APA91bH-accepting-phone"
 GONE = "unregistered-old-tablet"  # the simulator's FCM answers 404 UNREGISTERED
 
 
-@dataclasses.dataclass
-class Rig:
-    settings: Settings
-    sim: SimulatorProcess
-    workers: Workers
-
-    def run(self, tasks: list[dict[str, Any]]) -> list[str]:
-        seed(self.settings, tasks)
-        produce(self.settings, tasks)
-        return [t["notification_id"] for t in tasks]
-
-    def wait(self, ids: list[str], done: tuple[str, ...], timeout_s: float = 60) -> dict[str, str]:
-        seen = wait_states(self.settings, ids, done, timeout_s)
-        assert set(seen.values()) <= set(done), collections.Counter(seen.values())
-        return seen
-
+class Rig(SenderRig):
     def attempts(self, nid: str) -> list[tuple[int, str, str | None, str, str | None, str | None]]:
         """(attempt_no, provider, platform, outcome, error code, fingerprint) of each call, in order."""
         with db.connect(self.settings) as conn:
