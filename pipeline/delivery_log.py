@@ -56,9 +56,9 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def _rows(cursor: Any) -> list[dict[str, Any]]:
+async def _rows(cursor: Any) -> list[dict[str, Any]]:
     names = [column.name for column in cursor.description or []]
-    return [dict(zip(names, row, strict=True)) for row in cursor]
+    return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,12 @@ class NotificationLog:
 
 async def fetch(conn: Any, notification_id: uuid.UUID) -> NotificationLog | None:
     """The notification with this id, whole; None when there is none."""
-    rows = _rows(await conn.execute(NOTIFICATION, (notification_id,)))
+    rows = await _rows(await conn.execute(NOTIFICATION, (notification_id,)))
     if not rows:
         return None
-    deliveries = _rows(await conn.execute(DELIVERIES, (notification_id,)))
-    attempts = _rows(await conn.execute(ATTEMPTS, (notification_id,)))
-    transitions = _rows(await conn.execute(TRANSITIONS, (notification_id,)))
+    deliveries = await _rows(await conn.execute(DELIVERIES, (notification_id,)))
+    attempts = await _rows(await conn.execute(ATTEMPTS, (notification_id,)))
+    transitions = await _rows(await conn.execute(TRANSITIONS, (notification_id,)))
     return NotificationLog(rows[0], deliveries, attempts, transitions)
 
 

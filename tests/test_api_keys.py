@@ -115,3 +115,31 @@ def test_a_malformed_service_name_is_refused_before_anything_is_stored(settings:
     with pytest.raises(ApiKeyError):
         create_key(settings, "bad service; drop table")
     assert parse_key("nk_short_secret") is None
+
+
+def test_a_key_has_the_scopes_it_was_created_with_and_keys_from_before_scopes_have_ingest(
+        settings: Settings, service: str) -> None:
+    key_id, _ = create_key(settings, service, ["read", "admin"])
+    default_id, _ = create_key(settings, service)
+    with db.connect(settings) as conn, conn.transaction():  # a row as 0002 wrote them: no scopes given
+        conn.execute("INSERT INTO api_keys (key_id, service, key_hash) VALUES ('00000000abcd', %s, %s)",
+                     (service, "0" * 64))
+    scopes = {k.key_id: k.scopes for k in list_keys(settings) if k.service == service}
+    assert scopes == {key_id: ("read", "admin"), default_id: ("ingest",), "00000000abcd": ("ingest",)}
+    with pytest.raises(ApiKeyError, match="unknown scope"):
+        create_key(settings, service, ["superuser"])
+
+
+def test_notify_keys_create_takes_repeated_scopes(settings: Settings, service: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipeline", "keys", "create", service, "--scope", "ingest",
+                           "--scope", "read"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "scopes ingest, read" in done.stdout
+    [listed] = [k for k in list_keys(settings) if k.service == service]
+    assert listed.scopes == ("ingest", "read")
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "keys", "create", service, "--scope", "root"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode != 0 and "invalid choice" in refused.stderr
