@@ -205,10 +205,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         if unknown:
             raise SystemExit(f"notify worker: unknown stage(s) {unknown}; known: {', '.join(_STAGES)}")
         with_exporter = args.stages is None if args.exporter is None else args.exporter
-        return worker.run_all(settings, stages=stages, with_exporter=with_exporter)
+        try:
+            replicas = worker.parse_replicas(args.replicas, _STAGES)
+        except ValueError as exc:
+            raise SystemExit(f"notify worker: {exc}") from None
+        return worker.run_all(settings, stages=stages, with_exporter=with_exporter, replicas=replicas)
     if not (args.stage and args.lane):
         raise SystemExit("notify worker: give --stage and --lane, or --all")
-    return worker.run_stage(settings, args.stage, args.lane)
+    return worker.run_stage(settings, args.stage, args.lane, args.replica)
 
 
 def _cmd_exporter(_args: argparse.Namespace) -> int:
@@ -379,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --all: only these stages, comma-separated (default: {','.join(_STAGES)})")
     p.add_argument("--exporter", action=argparse.BooleanOptionalAction, default=None,
                    help="with --all: also run the lag exporter (default: yes, unless --stages narrows the stages)")
+    p.add_argument("--replicas", default=None, metavar="N|STAGE=N,...",
+                   help="with --all: processes per stage and lane in its consumer group, for every stage (N) or the "
+                        "named ones (sender=3,intake=2); default 1")
+    p.add_argument("--replica", type=int, default=0, metavar="R",
+                   help="with --stage: this process's number among the stage's replicas (picks its metrics port)")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("exporter", help="the consumer-lag exporter: committed offsets and high watermarks of every "

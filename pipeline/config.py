@@ -60,6 +60,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _broker_count(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 9:
+        raise ValueError(f"{value}: the local stack runs 1 to 9 Kafka nodes")
+    return value
+
+
 def _url(raw: str) -> str:
     if not raw.startswith(("http://", "https://")):
         raise ValueError(f"{raw!r} is not an http(s) URL")
@@ -166,6 +173,10 @@ SETTINGS: dict[str, Setting] = {
     "kafka_controller_port": Setting(
         "NOTIFY_KAFKA_CONTROLLER_PORT", "9093", "Local KRaft controller port (127.0.0.1).", _port),
     "kafka_heap": Setting("NOTIFY_KAFKA_HEAP", "512m", "Heap of the local Kafka broker JVM.", _heap),
+    "kafka_brokers": Setting(
+        "NOTIFY_KAFKA_BROKERS", "1",
+        "How many KRaft nodes `notify stack up` runs (1..9; each broker + controller, a static quorum of them all): "
+        "node n listens on NOTIFY_KAFKA_PORT + 2(n-1) and NOTIFY_KAFKA_CONTROLLER_PORT + 2(n-1).", _broker_count),
     "database_url": Setting(
         "DATABASE_URL", None,
         "Use this PostgreSQL database instead of starting one (postgresql://user:pass@host:port/db).", str),
@@ -395,6 +406,7 @@ class Settings:
     kafka_port: int
     kafka_controller_port: int
     kafka_heap: str
+    kafka_brokers: int
     database_url: str | None
     postgres_port: int
     prometheus_port: int
@@ -479,7 +491,9 @@ class Settings:
 
     @property
     def bootstrap_servers(self) -> str:
-        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+        if self.kafka_bootstrap_servers:
+            return self.kafka_bootstrap_servers
+        return ",".join(f"127.0.0.1:{self.kafka_port + 2 * n}" for n in range(self.kafka_brokers))
 
     @property
     def dsn(self) -> str:

@@ -62,6 +62,15 @@ def check_cluster(settings: Settings, timeout_s: float = 5.0, client: AdminClien
         raise KafkaException("no broker in the cluster metadata")
 
 
+def broker_ids(settings: Settings, timeout_s: float = 5.0) -> set[int]:
+    """The ids of the brokers the cluster's metadata lists (empty when nobody answers within `timeout_s`)."""
+    client = admin(settings, **{"socket.connection.setup.timeout.ms": int(timeout_s * 1000)})
+    try:
+        return set(client.list_topics(timeout=timeout_s).brokers)
+    except Exception:  # KafkaException on timeout: nobody to ask
+        return set()
+
+
 def cluster_ready(settings: Settings, timeout_s: float = 5.0) -> bool:
     """True when a broker answers a metadata request within `timeout_s`."""
     try:
@@ -96,10 +105,16 @@ def read_to_end(settings: Settings, topic: str, reader: str, timeout_s: float = 
         todo = {p for p, end in ends.items() if end > 0}
         reading.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
         found: list[Message] = []
+        deadline = time.monotonic() + timeout_s  # since the last record: the broker stopped answering
         while todo:
-            messages = reading.consume(500, timeout_s)
+            # consume() waits for a full batch or its timeout: short waits, or every read of a topic smaller than
+            # a batch would take the whole timeout
+            messages = reading.consume(500, 0.2)
             if not messages:
-                raise TimeoutError(f"{topic}: no records within {timeout_s:.0f}s while {sorted(todo)} had more")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{topic}: no records within {timeout_s:.0f}s while {sorted(todo)} had more")
+                continue
+            deadline = time.monotonic() + timeout_s
             for message in messages:
                 if message.error() is not None:
                     continue

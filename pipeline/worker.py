@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pipeline import aio, health, kafka
@@ -60,14 +60,48 @@ def processes(lanes: tuple[Lane, ...], stages: tuple[str, ...]) -> list[tuple[st
             if stage not in LANE_FREE_STAGES or lane == lanes[0]]
 
 
-def metrics_port(settings: Settings, stage: str, lane: Lane) -> int:
-    """Each worker process has its own /metrics port: base + position of (stage, lane)."""
-    return settings.metrics_port + 1 + STAGES.index(stage) * len(LANES) + LANES.index(lane)
+def metrics_port(settings: Settings, stage: str, lane: Lane, replica: int = 0) -> int:
+    """Each worker process has its own /metrics port: base + position of (stage, lane) for the first process of a
+    stage (replica 0, where every port has always been); further replicas in blocks of their own after the
+    exporter's port, one block per replica number, so no two processes of `--all --replicas` ever share one."""
+    slot = STAGES.index(stage) * len(LANES) + LANES.index(lane)
+    if replica == 0:
+        return settings.metrics_port + 1 + slot
+    if replica < 0:
+        raise ValueError(f"replica {replica} is negative")
+    return exporter_port(settings) + 1 + (replica - 1) * len(STAGES) * len(LANES) + slot
 
 
 def exporter_port(settings: Settings) -> int:
     """The lag exporter's /metrics port: the one after every worker's."""
     return settings.metrics_port + 1 + len(STAGES) * len(LANES)
+
+
+def parse_replicas(spec: str | None, stages: tuple[str, ...] = STAGES) -> dict[str, int]:
+    """`--replicas`: "N" (every stage), "sender=3,intake=2" (those stages; the rest 1), or "N,sender=3" (N for every
+    stage but sender). The processes per stage and lane; the reconciler always runs once (it is elected anyway)."""
+    counts = dict.fromkeys(stages, 1)
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        stage, sep, raw = part.rpartition("=")
+        try:
+            count = int(raw)
+        except ValueError:
+            count = 0
+        if count < 1 or (sep and stage not in stages):
+            raise ValueError(f"--replicas {spec!r}: {part!r} is not N or STAGE=N with N >= 1 and STAGE one of "
+                             f"{', '.join(stages)}")
+        for name in [stage] if sep else list(stages):
+            counts[name] = count
+    if "reconcile" in counts:
+        counts["reconcile"] = 1
+    return counts
+
+
+def replica_processes(lanes: tuple[Lane, ...], stages: tuple[str, ...],
+                      replicas: Mapping[str, int] | None = None) -> list[tuple[str, Lane, int]]:
+    """The (stage, lane, replica) processes `--all` runs: `processes()`, each `replicas[stage]` times."""
+    return [(stage, lane, n) for stage, lane in processes(lanes, stages)
+            for n in range((replicas or {}).get(stage, 1))]
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -98,16 +132,16 @@ async def _serve(runner: Runnable) -> None:
     await runner.run()
 
 
-def run_stage(settings: Settings, stage: str, lane: Lane) -> int:
+def run_stage(settings: Settings, stage: str, lane: Lane, replica: int = 0) -> int:
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     _setup_logging(settings)
     templates.validate(settings.templates_dir)  # fail fast: an invalid templates/ would fail every send
     ctx = StageContext(settings=settings, stage=stage, lane=lane, producer=kafka.producer(settings))
     runner = _builders(settings)[stage](ctx)
-    port = metrics_port(settings, stage, lane)
+    port = metrics_port(settings, stage, lane, replica)
     health.serve(port, health.Readiness(settings), name=f"{stage}/{lane}")
-    print(f"worker {stage}/{lane}: consumer group {ctx.group_id}, metrics and health on http://127.0.0.1:{port}",
+    print(f"worker {stage}/{lane}#{replica}: consumer group {ctx.group_id}, metrics and health on http://127.0.0.1:{port}",
           flush=True)
     aio.run(_serve(runner))
     return 0
@@ -132,12 +166,13 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[str, ...] = STAGES,
-            with_exporter: bool = True) -> int:
-    """One child process per stage and lane (and the lag exporter), restarted when it dies; SIGTERM/SIGINT stop
-    them all."""
+            with_exporter: bool = True, replicas: Mapping[str, int] | None = None) -> int:
+    """`replicas[stage]` child processes (default one) per stage and lane, each a member of the stage's consumer
+    group (and the lag exporter), restarted when it dies; SIGTERM/SIGINT stop them all."""
     templates.validate(settings.templates_dir)  # once here, rather than each child dying of it again and again
-    commands = {f"{stage}/{lane}": ["worker", "--stage", stage, "--lane", lane]
-                for stage, lane in processes(lanes, stages)}
+    commands = {f"{stage}/{lane}" + (f"#{n}" if n else ""):
+                ["worker", "--stage", stage, "--lane", lane, *(["--replica", str(n)] if n else [])]
+                for stage, lane, n in replica_processes(lanes, stages, replicas)}
     if with_exporter:
         commands["exporter"] = ["exporter"]
     children = {name: _spawn(argv) for name, argv in commands.items()}

@@ -64,6 +64,7 @@ class LoopRig:
     stages: Sequence[str] = LOOP_STAGES
     exporter: bool = False
     api_url: str = ""
+    replicas: str | None = None  # `worker --all --replicas`
 
     # ------------------------------------------------------------------ driving
     def run(self, tasks: Sequence[dict[str, Any]]) -> list[str]:
@@ -77,7 +78,8 @@ class LoopRig:
         return seen
 
     def start_workers(self) -> None:
-        self.workers = Workers.start(self.settings, stages=self.stages, env=self.env, exporter=self.exporter)
+        self.workers = Workers.start(self.settings, stages=self.stages, env=self.env, exporter=self.exporter,
+                                     replicas=self.replicas)
 
     def scrape_targets(self) -> dict[str, list[tuple[int, dict[str, str]]]]:
         """This rig's processes as Prometheus targets per job (the API, its workers, its exporter if any)."""
@@ -205,11 +207,14 @@ def assert_each_once(rig: LoopRig, ids: Sequence[str]) -> None:
 
 def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGES,
                env: dict[str, str] | None = None, exporter: bool = False,
-               api_env: dict[str, str] | None = None) -> Iterator[LoopRig]:
-    """The rig; `api_env` is added to the API's environment alone (after the rest)."""
+               api_env: dict[str, str] | None = None, replicas: str | None = None,
+               max_replicas: int = 1) -> Iterator[LoopRig]:
+    """The rig; `api_env` is added to the API's environment alone (after the rest); `replicas` is the workers'
+    `--replicas`, and `max_replicas` the most processes of one stage and lane the test runs (metrics ports)."""
     prefix = f"{name}{uuid.uuid4().hex[:8]}."
     api_port = free_port_block(1)
-    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=free_port_block(), api_port=api_port)
+    ports = free_port_block() if max_replicas == 1 else free_port_block(1 + 2 * 7 * max_replicas + 1)
+    mine = dataclasses.replace(settings, topic_prefix=prefix, metrics_port=ports, api_port=api_port)
     topics.apply(mine)
     webhooks = f"http://127.0.0.1:{api_port}/webhooks"
     sim = SimulatorProcess.start(mine, mine.stack_dir / f"{name}-sim-{prefix.strip('.')}.log",
@@ -222,9 +227,9 @@ def start_loop(settings: Settings, name: str, stages: Sequence[str] = LOOP_STAGE
                                 **{k: v.format(metrics_port=mine.metrics_port, api_port=api_port)
                                    for k, v in (api_env or {}).items()}},
                            cwd=REPO_ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
-    workers = Workers.start(mine, stages=stages, env=env, exporter=exporter)
+    workers = Workers.start(mine, stages=stages, env=env, exporter=exporter, replicas=replicas)
     rig = LoopRig(mine, sim, api, workers, env, TopicReader(mine, topics.DELIVERY_EVENTS), stages, exporter,
-                  f"http://127.0.0.1:{api_port}")
+                  f"http://127.0.0.1:{api_port}", replicas)
     try:
         deadline = time.monotonic() + 30
         while True:

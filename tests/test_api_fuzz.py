@@ -18,6 +18,7 @@ import pytest
 
 from pipeline import db
 from pipeline.api import run_api
+from pipeline.api.keys import create_key
 from pipeline.bench.rig import free_port_block
 from pipeline.config import Settings
 
@@ -47,6 +48,15 @@ def served(applied: Settings) -> Iterator[str]:
                          (applied.topic("user-settings"), started))
             conn.execute("DELETE FROM user_notification_settings WHERE updated_at >= %s AND user_id NOT IN "
                          "(SELECT user_id FROM settings_outbox)", (started,))
+
+
+@pytest.fixture
+def api_key(settings: Settings, unique: str) -> Iterator[str]:
+    """A key with the ingest and read scopes, so the read API is fuzzed past its scope check."""
+    _, key = create_key(settings, f"fuzz-{unique}", ["ingest", "read"])
+    yield key
+    with db.connect(settings) as conn, conn.transaction():
+        conn.execute("DELETE FROM api_keys WHERE service = %s", (f"fuzz-{unique}",))
 
 
 def test_schemathesis_finds_no_server_error_no_broken_response_and_no_accepted_invalid_body(

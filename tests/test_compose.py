@@ -22,7 +22,7 @@ from pipeline.cli import build_parser
 from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, REPO_ROOT, Settings
 from pipeline.domain import LANES, STAGES
 from pipeline.stack.common import find_binary
-from pipeline.stack.kafka import kafka_version, server_properties
+from pipeline.stack.kafka import cluster_nodes, kafka_version, server_properties
 from pipeline.worker import exporter_port, metrics_port, processes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 CONTAINER_SPECIFIC = {"listeners", "advertised.listeners", "controller.quorum.bootstrap.servers", "log.dirs"}
 GRAFANA_PORT = 53000  # Grafana runs only under compose; the stack has no setting for it
 INFRASTRUCTURE = {"kafka", "postgres", "redis", "prometheus", "grafana"}
+# the three-node Kafka (`NOTIFY_KAFKA_BROKERS=3 notify stack up`), under the "cluster" profile
+CLUSTER_PROFILE = "cluster"
+CLUSTER = {"kafka-1": 1, "kafka-2": 2, "kafka-3": 3}
 # the pipeline's processes, built from the Dockerfile, under the "pipeline" profile
 PIPELINE_PROFILE = "pipeline"
 ONE_SHOT = {"migrate": ["migrate"], "topics": ["topics", "apply"]}
@@ -82,6 +85,9 @@ def listens(name: str, service: dict[str, Any]) -> list[tuple[str, int]]:
     if name == "grafana":
         env = service["environment"]
         return [(str(env["GF_SERVER_HTTP_ADDR"]), int(env["GF_SERVER_HTTP_PORT"]))]
+    if name in CLUSTER:  # PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
+        return [(str(urlsplit(url).hostname), int(urlsplit(url).port or 0))
+                for url in str(service["environment"]["KAFKA_LISTENERS"]).split(",")]
     if name in LONG_RUNNING:
         settings, args = pipeline_settings(service), cli_args(service)
         if args.command == "api":
@@ -101,11 +107,14 @@ def probed(service: dict[str, Any]) -> set[str]:
         script, path, ports = test[3], test[4], test[5:]
         assert PROBE_URL in script and "urlopen" in script, f"unexpected health check script {script!r}"
         return {f"http://127.0.0.1:{int(port)}{path}" for port in ports}
+    if test[0] == "CMD-SHELL" and "--bootstrap-server" in test[1]:  # a Kafka node: Kafka's own client asks it
+        return {f"kafka://{test[1].split('--bootstrap-server', 1)[1].split()[0]}/"}
     return {arg for arg in test if arg.startswith("http://")}
 
 
 def pipeline_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: service for name, service in compose["services"].items() if name not in INFRASTRUCTURE}
+    return {name: service for name, service in compose["services"].items()
+            if name not in INFRASTRUCTURE and name not in CLUSTER}
 
 
 def image_tag(service: dict[str, Any]) -> str:
@@ -113,7 +122,7 @@ def image_tag(service: dict[str, Any]) -> str:
 
 
 def test_compose_has_the_local_stack_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == INFRASTRUCTURE | set(ONE_SHOT) | set(LONG_RUNNING)
+    assert set(compose["services"]) == INFRASTRUCTURE | set(CLUSTER) | set(ONE_SHOT) | set(LONG_RUNNING)
     for name, service in compose["services"].items():
         if name not in ONE_SHOT:
             assert "healthcheck" in service, f"{name} needs a health check"
@@ -125,6 +134,8 @@ def test_plain_up_starts_the_infrastructure_alone(compose: dict[str, Any]) -> No
     for name, service in compose["services"].items():
         if name in INFRASTRUCTURE:
             assert "profiles" not in service, f"`docker compose up` must start {name}"
+        elif name in CLUSTER:
+            assert service["profiles"] == [CLUSTER_PROFILE], f"{name} belongs to the {CLUSTER_PROFILE!r} profile"
         else:
             assert service["profiles"] == [PIPELINE_PROFILE], f"{name} belongs to the {PIPELINE_PROFILE!r} profile"
 
@@ -132,15 +143,18 @@ def test_plain_up_starts_the_infrastructure_alone(compose: dict[str, Any]) -> No
 def test_services_on_the_host_network_listen_on_loopback_only(compose: dict[str, Any]) -> None:
     on_host = {name: service for name, service in compose["services"].items()
                if service.get("network_mode") == "host"}
-    assert set(on_host) == {"prometheus", "grafana"} | set(ONE_SHOT) | set(LONG_RUNNING)
+    assert set(on_host) == {"prometheus", "grafana"} | set(CLUSTER) | set(ONE_SHOT) | set(LONG_RUNNING)
     for name, service in on_host.items():
         assert "ports" not in service, f"{name} shares the host's network: there is nothing to publish"
         if name in ONE_SHOT:
             continue
-        for host, port in listens(name, service):
+        addresses = listens(name, service)
+        for host, _ in addresses:
             assert host == "127.0.0.1", f"{name} must listen on the host's loopback only"
-            assert any(url.startswith(f"http://{host}:{port}/") for url in probed(service)), (
-                f"{name}'s health check must ask the address it listens on ({host}:{port})")
+        host, port = addresses[0]  # a Kafka node's clients' listener comes first, its controller's after
+        scheme = "kafka" if name in CLUSTER else "http"
+        assert any(url.startswith(f"{scheme}://{host}:{port}/") for url in probed(service)), (
+            f"{name}'s health check must ask the address it listens on ({host}:{port})")
 
 
 def test_kafka_is_the_same_version_port_and_settings(compose: dict[str, Any]) -> None:
@@ -157,6 +171,34 @@ def test_kafka_is_the_same_version_port_and_settings(compose: dict[str, Any]) ->
         env_key = "KAFKA_" + key.upper().replace(".", "_")
         assert env.get(env_key) == value, f"{env_key} should be {value!r} as in the local stack"
     assert env["KAFKA_HEAP_OPTS"] == f"-Xms{settings.kafka_heap} -Xmx{settings.kafka_heap}"
+
+
+def test_the_cluster_profile_is_the_local_three_node_stack(compose: dict[str, Any]) -> None:
+    """Each node of the "cluster" profile runs what `NOTIFY_KAFKA_BROKERS=3 notify stack up` runs for that node, every
+    setting the same (host networking: the same listeners too) but the data folder; one cluster id for all."""
+    settings = config.load({"NOTIFY_KAFKA_BROKERS": "3"})
+    nodes = {node.node_id: node for node in cluster_nodes(settings)}
+    assert sorted(CLUSTER.values()) == sorted(nodes)
+    cluster_ids, volumes = set(), set()
+    for name, node_id in CLUSTER.items():
+        service = compose["services"][name]
+        assert image_tag(service) == kafka_version()
+        assert service["network_mode"] == "host"
+        env = {key: str(value) for key, value in service["environment"].items()}
+        local = dict(line.split("=", 1) for line in server_properties(settings, Path("/data"), node_id).splitlines()
+                     if line and not line.startswith("#"))
+        expected = {"KAFKA_" + key.upper().replace(".", "_"): value for key, value in local.items()}
+        expected["KAFKA_LOG_DIRS"] = "/var/lib/kafka/data"  # the container's own folder, on a volume of its own
+        assert {key: value for key, value in env.items() if key.startswith("KAFKA_") and key != "KAFKA_HEAP_OPTS"} == (
+            expected), f"{name} must run node {node_id} of the local three-node stack"
+        assert env["KAFKA_HEAP_OPTS"] == f"-Xms{settings.kafka_heap} -Xmx{settings.kafka_heap}"
+        assert listens(name, service)[0] == ("127.0.0.1", nodes[node_id].port)
+        assert f"kafka://127.0.0.1:{nodes[node_id].port}/" in probed(service)
+        cluster_ids.add(env["CLUSTER_ID"])
+        volumes.update(v for v in service["volumes"] if v.endswith(":/var/lib/kafka/data"))
+    assert len(cluster_ids) == 1, "every node of one cluster is formatted with the same cluster id"
+    assert len(volumes) == len(CLUSTER), "each node keeps its own data"
+    assert settings.bootstrap_servers == ",".join(node.address for node in nodes.values())
 
 
 # These two compare with the Debian packages the stack installs: the `settings` fixture brings the stack up first.

@@ -10,6 +10,7 @@ simulator's ledger exactly once; forged posts (a tampered token, none, another s
 
 from __future__ import annotations
 
+import base64
 import http.server
 import os
 import shutil
@@ -35,7 +36,9 @@ from pipeline import db, kafka, topics
 from pipeline.api.keys import create_key
 from pipeline.bench.sender_rig import make_task
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.domain import STAGES
 from pipeline.stack.common import ensure_debian_packages, find_binary
+from pipeline.worker import processes as processes_of
 
 SCREENSHOTS = REPO_ROOT / "docs" / "console"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,7 +52,7 @@ SECRET = "console-browser-test-secret"
 
 @pytest.fixture(scope="module")
 def rig(settings: Settings) -> Iterator[LoopRig]:
-    yield from start_loop(settings, "tcon", exporter=True, api_env={
+    yield from start_loop(settings, "tcon", STAGES, exporter=True, api_env={
         "NOTIFY_METRICS_PORT": "{metrics_port}", "NOTIFY_API_PORT": "{api_port}", "NOTIFY_CONSOLE_SECRET": SECRET})
 
 
@@ -121,13 +124,17 @@ def click(driver: webdriver.Chrome, by: str, value: str) -> None:
 
 
 def screenshot(driver: webdriver.Chrome, name: str, tmp_path: Path) -> None:
-    """The page, whole, as docs/console/<name>.png and a test artifact."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(700, min(int(height) + 40, 4000)))
+    """The whole page (beyond the window, through the DevTools protocol) as docs/console/<name>.png and as a test
+    artifact."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 6000), "scale": 1}})
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    assert driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
-    shutil.copy(SCREENSHOTS / f"{name}.png", tmp_path / f"{name}.png")
-    driver.set_window_size(1400, 1000)
+    png = base64.b64decode(shot["data"])
+    assert png.startswith(b"\x89PNG")
+    (SCREENSHOTS / f"{name}.png").write_bytes(png)
+    (tmp_path / f"{name}.png").write_bytes(png)
 
 
 def cells(driver: webdriver.Chrome, table_id: str) -> list[list[str]]:
@@ -139,10 +146,9 @@ def test_the_pipeline_page_shows_lag_throughput_and_the_readiness_of_every_proce
         rig: LoopRig, browser: webdriver.Chrome, tmp_path: Path) -> None:
     browser.get(f"{rig.api_url}/console/pipeline")
     processes = {row[0]: row[3] for row in cells(browser, "processes")}
-    assert {processes[f"{stage}/{lane}"] for stage in ("sender", "retry") for lane in ("critical", "bulk")} == {
-        "ready"}
-    assert processes["receipts/critical"] == "ready" and processes["exporter"] == "ready"
-    assert processes["intake/critical"].startswith("not answering")  # this rig runs no intake
+    assert set(processes) == {"api", "exporter", *(f"{stage}/{lane}" for stage, lane in processes_of(
+        ("critical", "bulk"), STAGES))}
+    assert set(processes.values()) == {"ready"}  # every process of the rig answers its health check
     stages = {(row[0], row[1]): row for row in cells(browser, "stages")}
     assert stages[("sender", "critical")][2] != "-"  # the exporter's lag of the sender's group
     assert stages[("sender", "critical")][3] != "-"  # a rate from two scrapes
@@ -231,21 +237,27 @@ class _AttackerPage(http.server.BaseHTTPRequestHandler):
 
 def test_forged_form_posts_are_refused_and_redrive_nothing(
         rig: LoopRig, seeded: dict[str, Any], browser: webdriver.Chrome) -> None:
-    browser.get(f"{rig.api_url}/console/dlq?notification_id={seeded['dead']}")
-    browser.execute_script("document.querySelector('#redrive-plan input[name=csrf]').value = 'forged'")
-    click(browser, By.ID, "plan-redrive")
-    assert "CSRF token" in browser.find_element(By.ID, "problem").text and "403" in browser.title
-    browser.get(f"{rig.api_url}/console/dlq?notification_id={seeded['dead']}")
-    browser.execute_script("document.querySelector('#redrive-plan input[name=csrf]').remove()")
-    click(browser, By.ID, "plan-redrive")
-    assert "403" in browser.title
+    # a confirmed redrive posted from a console page of this session, with a wrong token and with none
+    for token in ("forged", None):
+        browser.get(f"{rig.api_url}/console/replay")
+        browser.execute_script(
+            "const f = document.createElement('form'); f.method = 'post'; f.id = 'forged';"
+            "f.action = '/console/dlq/redrive';"
+            "for (const [k, v] of Object.entries(arguments[0])) { const i = document.createElement('input');"
+            " i.name = k; i.value = v; f.appendChild(i); }"
+            "const b = document.createElement('button'); b.id = 'forge'; f.appendChild(b);"
+            "document.body.appendChild(f);",
+            {"notification_id": seeded["dead"], "confirm": "yes", "positions": "0:0 1:0 2:0 3:0",
+             **({"csrf": token} if token else {})})
+        click(browser, By.ID, "forge")
+        assert "403" in browser.title and "CSRF token" in browser.find_element(By.ID, "problem").text
 
     # another site's page posting to the console: the SameSite=Strict cookie stays home, the post is refused
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     _AttackerPage.target = f"{rig.api_url}/console/dlq/redrive"
-    server = http.server.HTTPServer(("127.0.0.1", port), _AttackerPage)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _AttackerPage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         browser.get(f"http://localhost:{port}/")  # localhost and 127.0.0.1 are different sites

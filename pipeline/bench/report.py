@@ -156,9 +156,23 @@ def render(results: Mapping[str, Any]) -> str:
         for table, reads in phase.extra["postgres_tables"].items():
             out.append(f"| {table} | " + " | ".join(f"{value / phase.accepted:.2f}" for value in reads.values())
                        + " |")
+    if burst is not None and burst.usage is not None and burst.accepted:
+        out += ["", "## Capacity model", "",
+                "The burst's CPU per notification per stage and of the broker, and PostgreSQL rows written per "
+                "notification, as `pipeline/bench/capacity.py` takes them; then what it plans for each rate.", "",
+                *capacity_lines(burst)]
     if burst is not None:
         out += ["", "## Memory", "", *memory_table(burst)]
     return "\n".join(out)
+
+
+def capacity_lines(burst: PhaseResult) -> list[str]:
+    """The capacity model's inputs from the burst, and its output (pipeline/bench/capacity.py)."""
+    from pipeline.bench import capacity
+    from pipeline.bench.run import cpu_ms_per_notification
+
+    postgres = {name: value / burst.accepted for name, value in (burst.extra.get("postgres") or {}).items()}
+    return capacity.render(capacity.Measured.from_bench(cpu_ms_per_notification(burst), postgres))
 
 
 def write(folder: Path, results: Mapping[str, Any], text: str) -> Path:

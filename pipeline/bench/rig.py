@@ -93,14 +93,15 @@ class Workers:
 
     @classmethod
     def start(cls, settings: Settings, stages: Sequence[str] = ("intake", "preferences", "routing"),
-              env: Mapping[str, str] | None = None, exporter: bool = False) -> Workers:
+              env: Mapping[str, str] | None = None, exporter: bool = False, replicas: str | None = None) -> Workers:
         env = {**os.environ, "NOTIFY_TOPIC_PREFIX": settings.topic_prefix,
                "NOTIFY_METRICS_PORT": str(settings.metrics_port), **(env or {})}
         log_path = settings.stack_dir / f"bench-{settings.topic_prefix.strip('.')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("wb")
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--all", "--stages",
-                                    ",".join(stages), "--exporter" if exporter else "--no-exporter"],
+                                    ",".join(stages), "--exporter" if exporter else "--no-exporter",
+                                    *(["--replicas", replicas] if replicas else [])],
                                    env=env, cwd=REPO_ROOT,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return cls(process, log_path, log)

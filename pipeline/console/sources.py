@@ -125,7 +125,8 @@ class PipelineFigures:
         if settings.prometheus_url:
             return await self._from_prometheus(settings, session, stages), f"Prometheus at {settings.prometheus_url}"
         previous = self.previous
-        if previous is None or time.monotonic() - previous.at > EARLIER_SCRAPE_MAX_AGE_S:
+        age = None if previous is None else time.monotonic() - previous.at
+        if previous is None or age is None or not RATE_WINDOW_S <= age <= EARLIER_SCRAPE_MAX_AGE_S:
             previous = await scrape(settings, session)
             await asyncio.sleep(RATE_WINDOW_S)
         current = await scrape(settings, session)

@@ -10,6 +10,7 @@ given: never started, never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from pipeline import health
 from pipeline.config import Settings
 from pipeline.errors import StackError
 from pipeline.stack.common import wait_until
-from pipeline.stack.kafka import KafkaService, tool_argv
+from pipeline.stack.kafka import KafkaService, cluster_nodes, tool_argv
 from pipeline.stack.postgres import PostgresService
 from pipeline.stack.prometheus import PrometheusService
 from pipeline.stack.redis import RedisService
@@ -28,7 +29,20 @@ __all__ = ["GroupHealth", "all_ready", "down", "kafka_tool_argv", "pipeline_heal
 
 
 def services(settings: Settings) -> list[LocalService]:
-    return [KafkaService(settings), PostgresService(settings), RedisService(settings), PrometheusService(settings)]
+    kafka_nodes: list[LocalService] = [KafkaService(settings, n.node_id) for n in cluster_nodes(settings)]
+    return [*kafka_nodes, PostgresService(settings), RedisService(settings), PrometheusService(settings)]
+
+
+def _check_one_kafka_layout(settings: Settings) -> None:
+    """One broker or a cluster, not both: their first node shares the ports, and their data is apart."""
+    if settings.kafka_external:
+        return
+    other = dataclasses.replace(settings, kafka_brokers=3 if settings.kafka_brokers == 1 else 1)
+    running = [(s.name, p.pid) for s in services(other)[:other.kafka_brokers] if (p := s.owned()) is not None]
+    if running:
+        shown = ", ".join(f"{name} (pid {pid})" for name, pid in running)
+        raise StackError(f"NOTIFY_KAFKA_BROKERS={settings.kafka_brokers}, but the stack runs the other Kafka layout: "
+                         f"{shown}; stop it first with NOTIFY_KAFKA_BROKERS={other.kafka_brokers} notify stack down")
 
 
 def _line(service: LocalService, state: str) -> str:
@@ -39,6 +53,7 @@ def _line(service: LocalService, state: str) -> str:
 def up(settings: Settings) -> int:
     """Start what is missing, wait until every service really answers, then apply migrations and topics."""
     settings.stack_dir.mkdir(parents=True, exist_ok=True)
+    _check_one_kafka_layout(settings)
     begun = time.monotonic()
     stack = services(settings)
     launched: dict[str, str] = {}

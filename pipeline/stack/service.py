@@ -12,7 +12,7 @@ from pipeline.stack.common import OwnedProcess, port_open, tail_file
 
 
 class LocalService(ABC):
-    name: ClassVar[str]
+    name: str  # a class's, or (several instances of one service: Kafka's nodes) an instance's
     optional: ClassVar[bool] = False  # the pipeline works without it: `up` reports why it did not start, and goes on
 
     def __init__(self, settings: Settings) -> None:

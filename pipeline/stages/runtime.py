@@ -64,6 +64,9 @@ STAGE_BATCH = metrics.histogram(
     "notify_stage_batch_size", "Records per consumed batch.", ["stage", "lane"],
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000))
 STAGE_ASSIGNED = metrics.gauge("notify_stage_assigned_partitions", "Partitions this worker owns.", ["stage", "lane"])
+TABLE_PARTITIONS = metrics.gauge(
+    "notify_stage_table_partitions", "Partitions of a table (its backing topic) this worker holds: those of the input "
+    "partitions it owns.", ["stage", "lane", "logical_topic"])
 QUARANTINED = metrics.counter(
     "notify_quarantined_total", "Messages sent to the invalid topic, by reason.", ["stage", "lane", "reason"])
 ERRORS = metrics.counter(
@@ -80,6 +83,7 @@ HEADER_STAGE = "notify-stage"  # the stage that quarantined them
 HEADER_RELEASED = "notify-released"  # a held message coming back; its hold is not applied again
 
 BATCH_SIZE = 500
+ASSIGNMENT_STRATEGY = "cooperative-sticky"
 # Stages that serve both lanes from one consumer group (the receipts topic and the deliveries table are shared);
 # they run once, in the critical lane's process slot.
 LANE_FREE_STAGES = frozenset({"receipts", "reconcile"})
@@ -355,6 +359,7 @@ class Table:
         self._data: dict[int, dict[str, bytes]] = defaultdict(dict)
         self._reader: Consumer = kafka.consumer(ctx.settings, f"{ctx.group_id}-table-{uuid.uuid4().hex[:8]}")
         self._owned: set[int] = set()
+        self._held = TABLE_PARTITIONS.labels(ctx.stage, ctx.lane, logical_topic)
 
     @property
     def owned(self) -> list[int]:
@@ -391,15 +396,16 @@ class Table:
         new = sorted(set(partitions) - self._owned)
         if not new:
             return
+        deadline = time.monotonic() + timeout_s
         ends = {}
         for p in new:
-            low, high = self._reader.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+            low, high = self._watermarks(p, deadline)
             if high > low:
                 ends[p] = high
             self._data[p] = {}
         self._reader.incremental_assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in new])
         self._owned.update(new)
-        deadline = time.monotonic() + timeout_s
+        self._held.set(len(self._owned))
         restored = 0
         while ends:
             if time.monotonic() > deadline:
@@ -414,6 +420,18 @@ class Table:
                     ends.pop(partition, None)
         log.info("%s: restored %d records of %s partitions %s", self.ctx.group_id, restored, self.topic, new)
 
+    def _watermarks(self, partition: int, deadline: float) -> tuple[int, int]:
+        """The backing partition's offsets, asked again while its leadership moves (a broker lost, an election)."""
+        while True:
+            try:
+                low, high = self._reader.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+                return int(low), int(high)
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.topic}/{partition}: no offsets before the deadline ({exc})") from None
+                log.warning("%s: offsets of %s/%d: %s; asking again", self.ctx.group_id, self.topic, partition, exc)
+                time.sleep(0.5)
+
     def release(self, partitions: Iterable[int]) -> None:
         gone = sorted(set(partitions) & self._owned)
         if not gone:
@@ -422,6 +440,7 @@ class Table:
         for p in gone:
             self._owned.discard(p)
             self._data.pop(p, None)
+        self._held.set(len(self._owned))
 
     def catch_up(self) -> int:
         """Apply whatever arrived on the owned partitions since the last call, without waiting."""
@@ -502,30 +521,47 @@ class StageRunner:
         self._consumer: Consumer = kafka.consumer(self.ctx.settings, self.ctx.group_id, **{
             "max.poll.interval.ms": 300_000,
             "client.id": f"notify-{self.ctx.stage}-{self.ctx.lane}",
+            # incremental rebalancing: a worker joining or leaving moves only the partitions that change owner;
+            # the others keep flowing. (All members of a group must agree: librdkafka cannot mix it with the eager
+            # range assignor, so a group moving from one to the other restarts all its workers at once.)
+            "partition.assignment.strategy": ASSIGNMENT_STRATEGY,
         })
         if stage.flow is not None and stage.handlers:
             raise ValueError("a stage has handlers or a flow, not both")
         self._topics = {self.ctx.settings.topic(name): name for name in [*stage.handlers, *stage.inputs]}
         self._handler_of = {self.ctx.settings.topic(name): handler for name, handler in stage.handlers.items()}
         self._uncommitted: dict[tuple[str, int], int] = {}  # committed asynchronously, not yet known to be done
+        self._owned: set[tuple[str, int]] = set()  # the partitions assigned now (the callbacks keep it)
+        self._broken: Exception | None = None  # a rebalance callback failed: records must not be handled
         self._batch_seconds = STAGE_BATCH_SECONDS.labels(self.ctx.stage, self.ctx.lane)
         self._batch_size = STAGE_BATCH.labels(self.ctx.stage, self.ctx.lane)
         self._assigned = STAGE_ASSIGNED.labels(self.ctx.stage, self.ctx.lane)
         self._stall_key = f"{self.ctx.stage}/{self.ctx.lane}"
         self.ready = asyncio.Event()
 
-    # librdkafka calls these from inside poll(), on our consumer thread, between batches: nothing is in flight
-    # then (each batch is acknowledged before the next poll), so an eager rebalance loses nothing.
+    # librdkafka calls these from inside poll()/consume() in `_fetch`, on our consumer thread, between batches:
+    # nothing is in flight then (each batch is handled, acknowledged and committed before the next fetch). With
+    # the cooperative protocol each call names only the partitions that change: assign adds to what we own (and
+    # confluent-kafka assigns them incrementally after the callback), revoke takes some away while the rest keep
+    # flowing. A revoked partition's last offsets are committed before it goes, and records of it that the same
+    # fetch took before the revocation are dropped (`_fetch`): its next owner starts at our last commit.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = {tp.partition for tp in partitions}
-        for table in self.stage.tables:
-            table.restore(numbers)
-        self._assigned.set(len(partitions))
-        log.info("%s: assigned %s", self.ctx.group_id, sorted((tp.topic, tp.partition) for tp in partitions))
+        try:
+            for table in self.stage.tables:
+                table.restore(numbers)
+        except Exception as exc:  # not raised into poll(): `_fetch` ends the worker (its supervisor restarts it)
+            log.error("%s: restoring tables for %s failed: %s", self.ctx.group_id, sorted(numbers), exc)
+            self._broken = exc
+        self._owned.update((tp.topic, tp.partition) for tp in partitions)
+        self._assigned.set(len(self._owned))
+        log.info("%s: assigned %s, now owns %d", self.ctx.group_id,
+                 sorted((tp.topic, tp.partition) for tp in partitions), len(self._owned))
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._owned -= gone
         # the last batch's offsets went out asynchronously: make sure the next owner starts after them
         pending = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in gone]
         if pending:
@@ -533,13 +569,14 @@ class StageRunner:
                 consumer.commit(offsets=pending, asynchronous=False)
         for key in gone:
             self._uncommitted.pop(key, None)
-        numbers = {tp.partition for tp in partitions}
+        # a table partition serves every input topic's partition of that number: release it only when none is left
+        numbers = {tp.partition for tp in partitions} - {p for _, p in self._owned}
         for table in self.stage.tables:
             table.release(numbers)
         if self.stage.flow is not None:
             self.stage.flow.revoked(gone)
-        self._assigned.set(0)
-        log.info("%s: revoked %s", self.ctx.group_id, sorted(gone))
+        self._assigned.set(len(self._owned))
+        log.info("%s: revoked %s, now owns %d", self.ctx.group_id, sorted(gone), len(self._owned))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -644,6 +681,11 @@ class StageRunner:
         size, without waiting for more; then let the tables catch up. On the consumer thread."""
         first = self._consumer.poll(timeout_s)
         messages = [] if first is None else [first, *self._consumer.consume(self.stage.batch_size - 1, 0)]
+        if self._broken is not None:  # a table missing part of its partitions: nothing may be decided on it
+            raise RuntimeError(f"{self.ctx.group_id}: a partition's table could not be restored: {self._broken}")
+        if messages:  # a revocation inside consume(): what was fetched of those partitions is their next owner's
+            owned = self._owned
+            messages = [m for m in messages if m.error() is not None or (m.topic(), m.partition()) in owned]
         for table in self.stage.tables:
             table.catch_up()
         return messages
