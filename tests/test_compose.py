@@ -179,7 +179,8 @@ def test_the_cluster_profile_is_the_local_three_node_stack(compose: dict[str, An
     settings = config.load({"NOTIFY_KAFKA_BROKERS": "3"})
     nodes = {node.node_id: node for node in cluster_nodes(settings)}
     assert sorted(CLUSTER.values()) == sorted(nodes)
-    cluster_ids, volumes = set(), set()
+    cluster_ids: set[str] = set()
+    volumes: set[str] = set()
     for name, node_id in CLUSTER.items():
         service = compose["services"][name]
         assert image_tag(service) == kafka_version()
