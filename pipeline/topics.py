@@ -344,9 +344,17 @@ def apply(settings: Settings) -> Plan:
         _execute(client, todo)
         # The controller has committed the changes; wait until the metadata and configs the brokers serve show
         # them, so that the next plan (or a stage starting now) sees what was applied.
+        # With several brokers a new topic reaches each one's metadata a moment apart: a broker that lists it may
+        # answer another's "unknown topic" to describe_configs meanwhile, which is "not visible yet", not a failure.
         deadline = time.monotonic() + ADMIN_TIMEOUT_S
-        while _current_plan(client, settings).changes:
+        while True:
+            try:
+                if not _current_plan(client, settings).changes:
+                    break
+                unseen = "changes made but not visible"
+            except TopicAdminError as exc:
+                unseen = str(exc)
             if time.monotonic() > deadline:
-                raise TopicAdminError(f"changes made but not visible after {ADMIN_TIMEOUT_S:.0f} s")
+                raise TopicAdminError(f"{unseen} after {ADMIN_TIMEOUT_S:.0f} s")
             time.sleep(0.2)
     return dataclasses.replace(todo, applied=True)
