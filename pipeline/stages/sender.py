@@ -346,6 +346,7 @@ class Sender:
                          **await self._superseded(conn, tasks, to_claim)}
             to_claim = [k for k in to_claim if k not in suppress]
             gone = await self._settle_unsent(conn, tasks, expired, unsendable, suppress)
+            await conn.execute(db.BY_KEY_PLANS)  # the claim probes each key, however long `queued` is now
             rows = await (await conn.execute(CLAIM, {
                 "owner": self.owner, "lease_s": self.settings.sender_lease_s,
                 "ids": [k[0] for k in to_claim], "channels": [k[1] for k in to_claim]})).fetchall()
@@ -664,6 +665,7 @@ class Sender:
         calls = [(job, call) for job in jobs for call in job.calls]
         pool = await db.async_pool(self.settings)
         async with pool.connection() as conn, conn.transaction():
+            await conn.execute(db.BY_KEY_PLANS)
             recorded = await (await conn.execute(RECORD, {
                 "owner": self.owner, "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs],
                 "states": states, "providers": provider_names, "provider_ids": provider_ids, "codes": codes,
