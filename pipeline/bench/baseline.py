@@ -49,7 +49,7 @@ from aiohttp import web
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from connectors.factory import create_connector
-from pipeline import aio, config, kafka, serde, topics
+from pipeline import aio, config, db, kafka, serde, topics
 from pipeline.bench import load
 from pipeline.bench.load import KafkaLoad, Timeline, TopicClock
 from pipeline.bench.rig import BenchDatabase, BenchError, stop_group
@@ -264,6 +264,7 @@ async def sender(hop: Hop, messages: list[Message]) -> list[Output]:
     tasks = {str(t["notification_id"]): t for t in (hop.decode(m.value() or b"", serde.DELIVERY_TASK)
                                                     for m in messages)}
     async with hop.conn.cursor() as cur:
+        await cur.execute(db.BY_KEY_PLANS)  # as the pipeline's sender: each key probed, whatever `queued` holds
         await cur.execute(CLAIM_SQL, (list(tasks), [t["channel"] for t in tasks.values()]))
         claimed = [row[0] for row in await cur.fetchall()]
     await hop.conn.commit()
@@ -271,6 +272,7 @@ async def sender(hop: Hop, messages: list[Message]) -> list[Output]:
     finished = datetime.datetime.now(datetime.UTC)
     channels = [tasks[nid]["channel"] for nid in claimed]
     async with hop.conn.cursor() as cur:
+        await cur.execute(db.BY_KEY_PLANS)
         await cur.execute(OUTCOME_SQL, (claimed, channels, [a[0] for a in answers], [a[1] for a in answers]))
         await cur.execute(ATTEMPTS_SQL, (claimed, channels, [a[0] for a in answers], [a[1] for a in answers],
                                          [a[2] for a in answers], [finished] * len(answers),
