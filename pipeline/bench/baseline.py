@@ -195,12 +195,16 @@ async def routing(hop: Hop, messages: list[Message]) -> list[Output]:
     return out
 
 
-# Each statement locks its rows in key order (the CTE's ORDER BY ... FOR UPDATE) before it updates them: the
-# sender's and the receipts' hops touch the same rows at once, and two batches locking in arbitrary orders deadlock.
+# Each statement locks its rows in key order before it updates them: the sender's and the receipts' hops touch
+# the same rows at once, and two batches locking in arbitrary orders deadlock. The keys are sorted and each one is
+# probed by the primary key (a LATERAL subquery with its own FOR UPDATE is never flattened), as the pipeline's
+# sender probes: a join the planner may drive from the partial state index reads the whole backlog in a spike.
 def _locked(states: str) -> str:
-    return f"""WITH k AS (SELECT * FROM unnest(%s::uuid[], %s::text[]{{more}}) AS k(id, channel{{names}})),
-l AS (SELECT d.notification_id, d.channel FROM deliveries d JOIN k ON d.notification_id = k.id AND d.channel = k.channel
-      WHERE d.state IN ({states}) ORDER BY d.notification_id, d.channel FOR UPDATE OF d)"""
+    return f"""WITH k AS (SELECT * FROM unnest(%s::uuid[], %s::text[]{{more}}) AS k(id, channel{{names}})
+           ORDER BY id, channel),
+l AS (SELECT p.notification_id, p.channel FROM k CROSS JOIN LATERAL (
+        SELECT d.notification_id, d.channel FROM deliveries d
+        WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ({states}) FOR UPDATE) p)"""
 
 
 CLAIM_SQL = _locked("'queued'").format(more="", names="") + """
