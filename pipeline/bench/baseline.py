@@ -199,22 +199,26 @@ async def routing(hop: Hop, messages: list[Message]) -> list[Output]:
 # the same rows at once, and two batches locking in arbitrary orders deadlock. The keys are sorted and each one is
 # probed by the primary key (a LATERAL subquery with its own FOR UPDATE is never flattened), as the pipeline's
 # sender probes: a join the planner may drive from the partial state index reads the whole backlog in a spike.
-def _locked(states: str) -> str:
-    return f"""WITH k AS (SELECT * FROM unnest(%s::uuid[], %s::text[]{{more}}) AS k(id, channel{{names}})
+def _locked(states: str, *, answers: bool = False) -> str:
+    """`states`: a condition on `d.state` that no single partial index's predicate matches (a list of two states,
+    or the sender's own claim condition): with statistics taken while that state was nearly empty, the planner
+    would probe each key by scanning the partial index of the whole state."""
+    more, names = (", %s::text[], %s::text[]", ", provider, pid") if answers else ("", "")
+    return f"""WITH k AS (SELECT * FROM unnest(%s::uuid[], %s::text[]{more}) AS k(id, channel{names})
            ORDER BY id, channel),
 l AS (SELECT p.notification_id, p.channel FROM k CROSS JOIN LATERAL (
         SELECT d.notification_id, d.channel FROM deliveries d
-        WHERE d.notification_id = k.id AND d.channel = k.channel AND d.state IN ({states}) FOR UPDATE) p)"""
+        WHERE d.notification_id = k.id AND d.channel = k.channel AND {states} FOR UPDATE) p)"""
 
 
-CLAIM_SQL = _locked("'queued'").format(more="", names="") + """
+CLAIM_SQL = _locked("(d.state = 'queued' OR (d.state = 'retry_scheduled' AND d.next_attempt_at <= now()))") + """
 UPDATE deliveries d SET state = 'sending', attempt_count = d.attempt_count + 1, lease_owner = 'baseline',
     claimed_at = now(), lease_expires_at = now() + interval '60 seconds'
 FROM l WHERE d.notification_id = l.notification_id AND d.channel = l.channel
 RETURNING d.notification_id::text
 """
 # A receipt may have overtaken the answer (the row is delivered already): it keeps its state and learns its time.
-OUTCOME_SQL = _locked("'sending', 'delivered'").format(more=", %s::text[], %s::text[]", names=", provider, pid") + """
+OUTCOME_SQL = _locked("d.state IN ('sending', 'delivered')", answers=True) + """
 UPDATE deliveries d SET state = CASE WHEN d.state = 'sending' THEN 'accepted' ELSE d.state END,
     provider = k.provider, provider_message_id = k.pid, accepted_at = now(), lease_owner = NULL,
     lease_expires_at = NULL
@@ -289,7 +293,7 @@ async def sender(hop: Hop, messages: list[Message]) -> list[Output]:
     return out
 
 
-RECEIPTS_SQL = _locked("'sending', 'accepted'").format(more=", %s::text[], %s::text[]", names=", provider, pid") + """
+RECEIPTS_SQL = _locked("d.state IN ('sending', 'accepted')", answers=True) + """
 UPDATE deliveries d SET state = 'delivered', final_at = now(), provider = k.provider,
     provider_message_id = COALESCE(d.provider_message_id, k.pid)
 FROM l JOIN k ON k.id = l.notification_id AND k.channel = l.channel
