@@ -1,6 +1,6 @@
 # The pipeline's image: one image for every process (`python -m pipeline api | worker --all | simulator | migrate |
 # topics apply ...`); docker-compose.kafka.yml runs it under its "pipeline" profile. No Docker engine runs in CI
-# here: tests/test_compose.py checks this file statically.
+# here: tests/stack/test_compose.py checks this file statically.
 #
 #   docker build -t notify-pipeline .
 #   docker run --rm --network host notify-pipeline config

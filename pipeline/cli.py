@@ -11,9 +11,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from pipeline import aio, config
+from pipeline import config
 from pipeline.domain import STAGES as _STAGES
 from pipeline.errors import NotifyError
+from pipeline.process import aio
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
@@ -116,7 +117,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    from pipeline import events
+    from pipeline.ops import events
 
     events.tail(config.settings(), user=args.user, notification=args.notification,
                 from_beginning=args.from_beginning, as_json=args.json, limit=args.limit)
@@ -124,7 +125,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from pipeline import migrate
+    from pipeline.state import migrate
 
     applied = migrate.migrate(config.settings())
     print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "migrations: nothing to do")
@@ -132,7 +133,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from pipeline import topics
+    from pipeline.kafka import topics
 
     settings = config.settings()
     plan = topics.plan(settings) if args.action == "plan" else topics.apply(settings)
@@ -141,7 +142,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_schemas(args: argparse.Namespace) -> int:
-    from pipeline import serde
+    from pipeline.kafka import serde
 
     if args.action == "freeze":
         written = serde.freeze()
@@ -196,7 +197,7 @@ def _cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline import worker
+    from pipeline.stages import worker
 
     settings = config.settings()
     if args.all:
@@ -216,13 +217,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_exporter(_args: argparse.Namespace) -> int:
-    from pipeline import worker
+    from pipeline.stages import worker
 
     return worker.run_exporter(config.settings())
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from pipeline import replay
+    from pipeline.ops import replay
 
     try:
         replay.replay(config.settings(), args.group, args.topic, to_datetime=args.to_datetime,
@@ -234,14 +235,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_invalid(args: argparse.Namespace) -> int:
-    from pipeline import quarantine
+    from pipeline.ops import quarantine
 
     return quarantine.run_invalid_cli(config.settings(), args.action, args.filter, args.position, args.since,
                                       args.until, args.dry_run, args.json)
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
-    from pipeline import dlq
+    from pipeline.ops import dlq
 
     return dlq.run_dlq_cli(config.settings(), args.action, args.filter, args.position, args.dry_run, args.json)
 
@@ -250,14 +251,14 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from pipeline import reconcile
+    from pipeline.ops import reconcile
 
     settings = config.settings()
     if args.once:
         summary = asyncio.run(reconcile.reconcile_once(settings, args.notification or None))
         print(json.dumps(summary.as_dict()))
         return 0
-    from pipeline import worker
+    from pipeline.stages import worker
 
     return worker.run_stage(settings, "reconcile", "critical")
 
@@ -283,7 +284,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_shadow(args: argparse.Namespace) -> int:
-    from pipeline import shadow_report
+    from pipeline.ops import shadow_report
 
     return shadow_report.run_report_cli(config.settings(), args.since, args.channel, args.json)
 

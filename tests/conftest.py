@@ -13,9 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline import config, db, kafka, stack, topics
+from pipeline import config, stack
 from pipeline.api.keys import create_key
 from pipeline.config import Settings
+from pipeline.kafka import clients, topics
+from pipeline.state import db
 
 
 @pytest.fixture(scope="session")
@@ -56,4 +58,4 @@ def applied(prefixed_settings: Settings) -> Iterator[Settings]:
     """topics/ applied under this test's own prefix; deleted afterwards so the broker stays small."""
     topics.apply(prefixed_settings)
     yield prefixed_settings
-    kafka.delete_prefixed(prefixed_settings)
+    clients.delete_prefixed(prefixed_settings)

@@ -5,7 +5,7 @@
 
 APNs speaks only HTTP/2, which aiohttp does not serve: `ApnsServer` (connectors.simulator.apns) answers
 POST /3/device/{token} on a port of its own (NOTIFY_SIMULATOR_APNS_PORT), sharing this app's state (ledger,
-faults, stats). `run_simulator` starts both; tests start both on free ports (tests/provider_sim.py).
+faults, stats). `run_simulator` starts both; tests start both on free ports (tests/support/provider_sim.py).
 
 Admin (JSON):
     GET  /_admin/ledger?provider=&notification_id=&to=&provider_message_id=   accepted messages, oldest first
@@ -35,8 +35,8 @@ from connectors.simulator import fcm, mailgun, sendgrid, termii, twilio
 from connectors.simulator.apns import ApnsServer
 from connectors.simulator.common import SIM, Simulator, json_response, sim_of
 from connectors.simulator.state import PROVIDERS, FaultConfigError, SimulatorState
-from pipeline import aio
 from pipeline.config import Settings
+from pipeline.process import aio
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _UNSET: Any = object()

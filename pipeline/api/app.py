@@ -19,12 +19,14 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline import console, db, health, metrics
+from pipeline import console, metrics
 from pipeline.api import auth, ingest, notifications, user_settings, webhooks
 from pipeline.api.openapi import openapi_document
-from pipeline.client import FLUSH_TIMEOUT_S, NotificationProducer
 from pipeline.config import Settings
+from pipeline.kafka.upstream import FLUSH_TIMEOUT_S, NotificationProducer
 from pipeline.policy import templates
+from pipeline.process import health
+from pipeline.state import db
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,17 @@ from typing import Any, Final, NoReturn
 import psycopg
 from aiohttp import web
 
-from pipeline import db, metrics
+from pipeline import metrics
 from pipeline.api import auth
-from pipeline.client import FieldProblem, InvalidRequest, NotificationProducer, PreparedNotification, SendOutcome
 from pipeline.config import Settings
+from pipeline.kafka.upstream import (
+    FieldProblem,
+    InvalidRequest,
+    NotificationProducer,
+    PreparedNotification,
+    SendOutcome,
+)
+from pipeline.state import db
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from pipeline import db
 from pipeline.config import Settings
 from pipeline.errors import NotifyError
+from pipeline.state import db
 
 KEY_PREFIX: Final = "nk"
 SECRET_BYTES: Final = 32

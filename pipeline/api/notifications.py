@@ -20,12 +20,13 @@ from typing import Final, NoReturn
 import psycopg
 from aiohttp import web
 
-from pipeline import db, delivery_log, serde
 from pipeline.api import auth
 from pipeline.api.ingest import json_error
-from pipeline.client import FieldProblem
 from pipeline.config import Settings
+from pipeline.kafka import serde
+from pipeline.kafka.upstream import FieldProblem
 from pipeline.policy.delivery_log import InvalidQuery, parse_list_query
+from pipeline.state import db, delivery_log
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,15 @@ from aiohttp import web
 from confluent_kafka import KafkaError, Message, Producer
 from psycopg.types.json import Jsonb
 
-from pipeline import db, kafka, metrics, serde, topics
+from pipeline import metrics
 from pipeline.api.ingest import json_error, read_json
-from pipeline.client import InvalidRequest
 from pipeline.config import Settings
 from pipeline.domain import MAX_USER_ID_LENGTH, text_flaws
+from pipeline.kafka import clients, serde, topics
+from pipeline.kafka.upstream import InvalidRequest
 from pipeline.policy import user_settings as policy
 from pipeline.stages.runtime import utcnow
+from pipeline.state import db
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class SettingsOutbox:
     def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
         self.settings = settings
         self._owns_producer = producer is None  # a given producer is the caller's to close
-        self.producer = producer or kafka.producer(settings, **{"delivery.timeout.ms": int(PUBLISH_TIMEOUT_S * 1000)})
+        self.producer = producer or clients.producer(settings, **{"delivery.timeout.ms": int(PUBLISH_TIMEOUT_S * 1000)})
         self.topic = settings.topic(topics.USER_SETTINGS)
 
     def _publish(self, rows: list[Any]) -> tuple[list[int], list[int], str | None]:

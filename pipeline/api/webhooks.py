@@ -40,11 +40,13 @@ from redis.exceptions import RedisError
 
 from connectors.base import Connector, Receipt
 from connectors.factory import create_connector
-from pipeline import metrics, redis_client, serde, topics
+from pipeline import metrics
 from pipeline.api import auth
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BODY_BYTES, json_error
-from pipeline.client import AckedProducer, ProducerClosed
 from pipeline.config import PROVIDERS, Settings
+from pipeline.kafka import serde, topics
+from pipeline.kafka.upstream import AckedProducer, ProducerClosed
+from pipeline.state import redis_client
 
 log = logging.getLogger(__name__)
 

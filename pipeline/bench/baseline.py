@@ -49,14 +49,17 @@ from aiohttp import web
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from connectors.factory import create_connector
-from pipeline import aio, config, db, kafka, serde, topics
+from pipeline import config
 from pipeline.bench import load
 from pipeline.bench.load import KafkaLoad, Timeline, TopicClock
 from pipeline.bench.rig import BenchDatabase, BenchError, stop_group
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import LANES
-from pipeline.ratelimit import SLIDING_WINDOW_LUA
-from pipeline.ratelimit_policy import load_policy, rules_for
+from pipeline.kafka import clients, serde, topics
+from pipeline.policy.ratelimit import load_policy, rules_for
+from pipeline.process import aio
+from pipeline.state import db
+from pipeline.state.ratelimit import SLIDING_WINDOW_LUA
 
 if TYPE_CHECKING:
     from pipeline.bench.procs import Box
@@ -327,8 +330,8 @@ INPUTS: dict[str, Callable[[str], list[str]]] = {
 
 async def run_hop(name: str, lane: str) -> None:
     settings = config.settings()
-    consumer: Consumer = kafka.consumer(settings, f"{settings.topic_prefix}baseline-{name}-{lane}")
-    producer: Producer = kafka.producer(settings)
+    consumer: Consumer = clients.consumer(settings, f"{settings.topic_prefix}baseline-{name}-{lane}")
+    producer: Producer = clients.producer(settings)
     conn = await psycopg.AsyncConnection.connect(settings.dsn)
     hop = Hop(settings, lane, serde.AvroSerde(), producer, conn)
     consumer.subscribe([settings.topic(t) for t in INPUTS[name](lane)])
@@ -367,7 +370,7 @@ async def run_hop(name: str, lane: str) -> None:
 async def run_receiver(port: int) -> None:
     """The simulator's callbacks: checked (the providers' signatures), produced to receipts, acknowledged, 200."""
     settings = config.settings()
-    producer: Producer = kafka.producer(settings)
+    producer: Producer = clients.producer(settings)
     codec = serde.AvroSerde()
     verifiers = {p: create_connector(p, settings) for p in ("twilio", "sendgrid")}
     loop = asyncio.get_running_loop()
@@ -443,7 +446,7 @@ def run(made: Rig, plan: Plan, box: Box) -> Any:
         finally:
             from pipeline.bench.run import remove_redis_keys
 
-            kafka.delete_prefixed(mine, groups=True)
+            clients.delete_prefixed(mine, groups=True)
             remove_redis_keys(mine, token)
 
 

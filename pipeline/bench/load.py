@@ -21,9 +21,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline import kafka, serde, topics
 from pipeline.config import Settings
 from pipeline.domain import LANES, lane_for
+from pipeline.kafka import clients, serde, topics
 
 PHASES = ("i", "t", "k", "o")
 # The points of a request's way, in order; `created` is set by the bench, the topic points by each stage's
@@ -110,7 +110,7 @@ class KafkaLoad:
     def __init__(self, settings: Settings, codec: serde.AvroSerde) -> None:
         self.settings = settings
         self.codec = codec
-        self.producer: Producer = kafka.producer(settings, **{"linger.ms": 20, "batch.num.messages": 10_000})
+        self.producer: Producer = clients.producer(settings, **{"linger.ms": 20, "batch.num.messages": 10_000})
         self._topics = {lane: settings.topic(topics.requests_topic(lane)) for lane in LANES}
 
     def send(self, req: Mapping[str, Any]) -> None:
@@ -145,13 +145,13 @@ class TopicClock(threading.Thread):
             self.point_of[settings.topic(topics.routed_topic(lane))] = "routed"
             for channel in topics.CHANNELS:
                 self.point_of[settings.topic(topics.send_topic(channel, lane))] = "send"
-        self._consumer: Consumer = kafka.consumer(settings, f"{settings.topic_prefix}bench-clock-{uuid.uuid4().hex}")
+        self._consumer: Consumer = clients.consumer(settings, f"{settings.topic_prefix}bench-clock-{uuid.uuid4().hex}")
         assignment = []
         for topic in self.point_of:
             partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
             for p in partitions:
                 tp = TopicPartition(topic, p)
-                assignment.append(TopicPartition(topic, p, kafka.end_offset(self._consumer, tp)))
+                assignment.append(TopicPartition(topic, p, clients.end_offset(self._consumer, tp)))
         self._consumer.assign(assignment)
         self._stopping = threading.Event()
         self.read = 0

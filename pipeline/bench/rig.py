@@ -25,9 +25,10 @@ from typing import IO
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from pipeline import db, health, migrate
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import NotifyError
+from pipeline.process import health
+from pipeline.state import db, migrate
 
 STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL
 BENCH_DB_PREFIX = "notify_bench_"

@@ -42,7 +42,6 @@ import aiohttp
 import redis
 from tqdm import tqdm
 
-from pipeline import db, kafka, serde, topics
 from pipeline.api.keys import create_key
 from pipeline.bench import load
 from pipeline.bench.load import KafkaLoad, Timeline, TopicClock
@@ -51,6 +50,8 @@ from pipeline.bench.rig import ApiProcess, BenchDatabase, BenchError, Spread, Wo
 from pipeline.bench.sender_rig import SimulatorProcess
 from pipeline.config import Settings
 from pipeline.domain import STAGES
+from pipeline.kafka import clients, serde, topics
+from pipeline.state import db
 
 READY_TIMEOUT_S = 120.0
 IDLE_INTERVAL_S = 0.1
@@ -164,7 +165,7 @@ def rig(settings: Settings, plan: Plan, token: str) -> Iterator[Rig]:
 
 def cleanup(settings: Settings, token: str) -> None:
     """The run's topics, consumer groups and Redis keys (the database goes with BenchDatabase)."""
-    names, groups, _kept = kafka.delete_prefixed(settings, groups=True)
+    names, groups, _kept = clients.delete_prefixed(settings, groups=True)
     removed = remove_redis_keys(settings, token)
     say(f"removed {len(names)} topics, {len(groups)} consumer groups, {removed} Redis keys and the database of the run")
 
@@ -383,7 +384,7 @@ def batch_sizes(settings: Settings) -> dict[str, float]:
     """Mean records per consumed batch of each stage worker so far (from its /metrics)."""
     import urllib.request
 
-    from pipeline.worker import metrics_port, processes
+    from pipeline.stages.worker import metrics_port, processes
 
     sizes: dict[str, float] = {}
     for stage, lane in processes(("critical", "bulk"), STAGES):

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from connectors.simulator.admin import admin_call
-from pipeline import config, db, kafka, serde, topics
+from pipeline import config
 from pipeline.bench.rig import free_port_block
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import lane_for
+from pipeline.kafka import clients, serde, topics
+from pipeline.state import db
 
 SMS_TO = "+2348031234567"
 EMAIL_TO = "ada@example.com"
@@ -79,7 +81,7 @@ def seed(settings: Settings, tasks: Sequence[Mapping[str, Any]]) -> None:
 
 def produce(settings: Settings, tasks: Iterable[Mapping[str, Any]]) -> int:
     codec = serde.AvroSerde()
-    producer = kafka.producer(settings, **{"linger.ms": 20})
+    producer = clients.producer(settings, **{"linger.ms": 20})
     count = 0
     for task in tasks:
         while True:

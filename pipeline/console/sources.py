@@ -16,10 +16,11 @@ from typing import Any, Final
 import aiohttp
 from redis.exceptions import RedisError
 
-from pipeline import redis_client, serde
 from pipeline.config import PROVIDERS, Settings
 from pipeline.console import figures
+from pipeline.kafka import serde
 from pipeline.policy.regions import CountryLabels
+from pipeline.state import redis_client
 
 SCRAPE_TIMEOUT_S: Final = 2.0
 RATE_WINDOW_S: Final = 1.0  # without an earlier scrape, two scrapes this far apart give the rates

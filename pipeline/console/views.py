@@ -17,13 +17,15 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from pipeline import db, delivery_log, dlq, quarantine, replay, serde, topics
 from pipeline.api import auth, keys
 from pipeline.config import Settings
 from pipeline.console import figures, session, sources
 from pipeline.domain import LANES, STAGES, text_flaws
+from pipeline.kafka import serde, topics
+from pipeline.ops import dlq, quarantine, replay
 from pipeline.policy.delivery_log import ListQuery
-from pipeline.worker import processes
+from pipeline.stages.worker import processes
+from pipeline.state import db, delivery_log
 
 COOKIE: Final = "notify_console"
 MAX_LISTED: Final = 500

@@ -11,8 +11,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any, Final
 
-from pipeline.client import PLATFORMS, FieldProblem, InvalidRequest
 from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email, text_flaws
+from pipeline.kafka.upstream import PLATFORMS, FieldProblem, InvalidRequest
 from pipeline.policy.quiet_hours import known_timezone, parse_clock_time
 
 DIGESTS: Final = ("none", "hourly", "daily", "weekly")

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-from pipeline import health
 from pipeline.config import Settings
 from pipeline.errors import StackError
+from pipeline.process import health
 from pipeline.stack.common import wait_until
 from pipeline.stack.kafka import KafkaService, cluster_nodes, tool_argv
 from pipeline.stack.postgres import PostgresService
@@ -86,7 +86,8 @@ def up(settings: Settings) -> int:
             )
         print(_line(service, f"{launched[service.name]}, ready ({time.monotonic() - started:.1f}s)"), flush=True)
 
-    from pipeline import migrate, topics  # after the services: both need them running
+    from pipeline.kafka import topics  # after the services: both need them running
+    from pipeline.state import migrate
 
     applied = migrate.migrate(settings)
     print(f"migrations: applied {', '.join(applied)}" if applied else "migrations: nothing to do")

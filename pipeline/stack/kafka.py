@@ -18,9 +18,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pipeline import kafka as kafka_clients
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import ConfigError, StackError
+from pipeline.kafka import clients as kafka_clients
 from pipeline.stack.common import OwnedProcess, ensure_debian_packages, tail_file, tail_text
 from pipeline.stack.service import LocalService
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import psycopg
 
-from pipeline import db
 from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
 from pipeline.errors import StackError
 from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text
 from pipeline.stack.service import LocalService
+from pipeline.state import db
 
 # PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` user Debian's package makes.
 RUN_AS = "postgres"

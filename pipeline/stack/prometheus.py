@@ -31,7 +31,7 @@ Target = tuple[int, Mapping[str, str]]  # (port on 127.0.0.1, extra labels)
 
 def targets(settings: Settings) -> dict[str, list[Target]]:
     """The pipeline's scrape targets per job, from the ports in force (as `notify run` starts them)."""
-    from pipeline.worker import exporter_port, metrics_port, processes
+    from pipeline.stages.worker import exporter_port, metrics_port, processes
 
     return {
         "api": [(settings.api_port, {})],

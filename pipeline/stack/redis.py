@@ -8,7 +8,7 @@ from pathlib import Path
 import redis
 
 from pipeline.errors import StackError
-from pipeline.health import check_redis
+from pipeline.process.health import check_redis
 from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text, wait_until
 from pipeline.stack.service import LocalService
 

@@ -24,11 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import db, metrics, serde, topics
+from pipeline import metrics
 from pipeline.errors import DecodeError
+from pipeline.kafka import serde, topics
 from pipeline.policy import digests as policy
 from pipeline.policy.templates import TemplateError, render
 from pipeline.stages.runtime import Stage, StageContext, utcnow
+from pipeline.state import db
 
 log = logging.getLogger("notify.digests")
 

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import db, metrics
+from pipeline import metrics
 from pipeline.stages.runtime import HEADER_RELEASED, Stage, StageContext
+from pipeline.state import db
 
 log = logging.getLogger("notify.holds")
 

@@ -22,10 +22,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import db, serde, topics
 from pipeline.domain import Lane, lane_for
+from pipeline.kafka import serde, topics
 from pipeline.policy import intake as policy
 from pipeline.stages.runtime import Record, Stage, StageContext, Table, utcnow
+from pipeline.state import db
 
 # Inserts the batch's candidates and answers, for each, the id that owns its dedup key: its own when inserted, the
 # earlier request's when the key was taken, NULL when its notification id was taken by another key (the CTE's

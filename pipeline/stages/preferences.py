@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline import db, metrics, serde, topics
+from pipeline import metrics
 from pipeline.errors import DecodeError
+from pipeline.kafka import serde, topics
 from pipeline.policy import preferences as policy
 from pipeline.stages import digests, holds
 from pipeline.stages.runtime import (
@@ -25,6 +26,7 @@ from pipeline.stages.runtime import (
     header,
     utcnow,
 )
+from pipeline.state import db
 
 log = logging.getLogger("notify.preferences")
 

@@ -13,10 +13,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import db, deliveries, metrics, serde, topics
+from pipeline import metrics
+from pipeline.kafka import serde, topics
 from pipeline.policy import providers as policy
 from pipeline.policy import recovery
 from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
+from pipeline.state import db, deliveries
 
 log = logging.getLogger("notify.receipts")
 

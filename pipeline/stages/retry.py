@@ -24,9 +24,10 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline import metrics, topics
+from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.kafka import topics
 from pipeline.stages.runtime import (
     HEADER_DETAIL,
     HEADER_REASON,

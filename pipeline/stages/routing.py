@@ -1,6 +1,6 @@
 """Rate limit and routing: routed.<lane> -> send.<channel>.<lane>, with a `deliveries` row per channel.
 
-Redis sliding windows (pipeline/ratelimit) decide, a batch in one pipeline; over the limit the channel ends
+Redis sliding windows (pipeline/state/ratelimit.py) decide, a batch in one pipeline; over the limit the channel ends
 `suppressed` with reason `rate_limited`. When Redis is down, the critical lane keeps flowing (counted as degraded)
 and the bulk lane is held for a while and re-checked, so an outage never floods users and never stops an OTP.
 Routing is idempotent: the row is inserted once (ON CONFLICT DO NOTHING) and a row already past `queued` is not
@@ -14,10 +14,12 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import db, metrics, serde, topics
-from pipeline.ratelimit import RateCheck, RateLimiter
+from pipeline import metrics
+from pipeline.kafka import serde, topics
 from pipeline.stages import holds
 from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
+from pipeline.state import db
+from pipeline.state.ratelimit import RateCheck, RateLimiter
 
 RATE_LIMIT_DEGRADED = metrics.counter(
     "notify_ratelimit_degraded_total", "Critical sends let through while Redis was unavailable.", ["lane"])

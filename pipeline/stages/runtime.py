@@ -45,10 +45,12 @@ import psycopg
 import redis.exceptions
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from pipeline import health, kafka, metrics, serde, topics
+from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.domain import Lane
 from pipeline.errors import DecodeError
+from pipeline.kafka import clients, serde, topics
+from pipeline.process import health
 
 log = logging.getLogger("notify.stage")
 
@@ -357,7 +359,7 @@ class Table:
         self._apply = apply or (lambda _current, new: new)
         self._on_update = on_update
         self._data: dict[int, dict[str, bytes]] = defaultdict(dict)
-        self._reader: Consumer = kafka.consumer(ctx.settings, f"{ctx.group_id}-table-{uuid.uuid4().hex[:8]}")
+        self._reader: Consumer = clients.consumer(ctx.settings, f"{ctx.group_id}-table-{uuid.uuid4().hex[:8]}")
         self._owned: set[int] = set()
         self._held = TABLE_PARTITIONS.labels(ctx.stage, ctx.lane, logical_topic)
 
@@ -518,7 +520,7 @@ class StageRunner:
         self.stage = stage
         self.ctx = stage.ctx
         self._stopping = asyncio.Event()
-        self._consumer: Consumer = kafka.consumer(self.ctx.settings, self.ctx.group_id, **{
+        self._consumer: Consumer = clients.consumer(self.ctx.settings, self.ctx.group_id, **{
             "max.poll.interval.ms": 300_000,
             "client.id": f"notify-{self.ctx.stage}-{self.ctx.lane}",
             # incremental rebalancing: a worker joining or leaving moves only the partitions that change owner;

@@ -44,9 +44,9 @@ from psycopg.types.json import Jsonb
 
 from connectors.base import Connector, Message, Outcome
 from connectors.factory import create_connector
-from pipeline import db, metrics, serde, topics
-from pipeline.breaker import BreakerBoard
+from pipeline import metrics
 from pipeline.domain import CHANNELS
+from pipeline.kafka import serde, topics
 from pipeline.policy import cost, latest, push, recovery
 from pipeline.policy import providers as policy
 from pipeline.policy.preferences import CONSENT_REQUIRED, consent_refusal
@@ -63,6 +63,8 @@ from pipeline.stages.runtime import (
     is_infrastructure,
     utcnow,
 )
+from pipeline.state import db
+from pipeline.state.breaker import BreakerBoard
 
 log = logging.getLogger("notify.sender")
 

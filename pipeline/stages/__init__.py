@@ -1,0 +1,2 @@
+"""The stream stages on one at-least-once runtime (runtime), one module per stage, and the worker supervisor that
+runs them as processes (worker)."""
