@@ -13,7 +13,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# pipeline/config.py's REPO_ROOT is the folder above the `pipeline` package, and the processes read files under it
+# pipeline/config/catalogue.py's REPO_ROOT is the folder above the `pipeline` package, and the processes read files under it
 # at runtime: schemas/ (serde), topics/ (topics), infra/migrations/ (migrate), infra/policies/ (rate limits) and
 # connectors/simulator/keys/ (the simulator's test credentials). So the tree is copied as in the repository and
 # installed in place (-e): REPO_ROOT is /app, not site-packages. The lock pins every dependency (as `make` does).

@@ -18,10 +18,11 @@ NOTIFICATION_TYPES: Final[tuple[NotificationType, ...]] = (
     "otp", "transaction", "security", "price_alert", "portfolio", "marketing")
 LANES: Final[tuple[Lane, ...]] = ("critical", "bulk")
 CHANNELS: Final[tuple[Channel, ...]] = ("sms", "email", "push")
+PROVIDERS: Final[tuple[str, ...]] = ("twilio", "termii", "sendgrid", "mailgun", "fcm", "apns")
 # One limit for every way in (API, client, intake, settings): a user id is the Kafka key and a table key.
 MAX_USER_ID_LENGTH: Final = 128
 MAX_ID_LENGTH: Final = 256  # idempotency keys, template ids, source services, correlation ids
-# Worker stages, per lane except receipts and reconcile, which serve both lanes once (runtime.LANE_FREE_STAGES).
+# Worker stages, per lane except receipts and reconcile, which serve both lanes once (stages/context.LANE_FREE_STAGES).
 STAGES: Final[tuple[str, ...]] = ("intake", "preferences", "routing", "sender", "retry", "receipts", "reconcile")
 
 # A million-message marketing burst must never sit in front of an OTP: each lane has its own topics and groups.

@@ -25,13 +25,8 @@ from aiohttp import web
 from pipeline import metrics
 from pipeline.api import auth
 from pipeline.config import Settings
-from pipeline.kafka.upstream import (
-    FieldProblem,
-    InvalidRequest,
-    NotificationProducer,
-    PreparedNotification,
-    SendOutcome,
-)
+from pipeline.kafka.upstream import NotificationProducer, PreparedNotification, SendOutcome
+from pipeline.policy.request_contract import FieldProblem, InvalidRequest
 from pipeline.state import db
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from pipeline.api import auth
 from pipeline.api.ingest import json_error
 from pipeline.config import Settings
 from pipeline.kafka import serde
-from pipeline.kafka.upstream import FieldProblem
 from pipeline.policy.delivery_log import InvalidQuery, parse_list_query
+from pipeline.policy.request_contract import FieldProblem
 from pipeline.state import db, delivery_log
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from pipeline.api.auth import KEY_CACHE_TTL_S
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BATCH, MAX_BODY_BYTES, MAX_JSON_DEPTH
 from pipeline.api.webhooks import RECEIPT_PROVIDERS
 from pipeline.domain import CHANNELS, LANE_OF_TYPE, MAX_ID_LENGTH, MAX_USER_ID_LENGTH, NOTIFICATION_TYPES
-from pipeline.kafka.upstream import PLATFORMS
 from pipeline.policy import templates
+from pipeline.policy.request_contract import PLATFORMS
 from pipeline.policy.user_settings import DIGESTS
 
 SMS_LIMIT = (f"When the notification may go by SMS (channels include sms, or are empty), the text it renders may "

@@ -31,9 +31,9 @@ from pipeline.api.ingest import json_error, read_json
 from pipeline.config import Settings
 from pipeline.domain import MAX_USER_ID_LENGTH, text_flaws
 from pipeline.kafka import clients, serde, topics
-from pipeline.kafka.upstream import InvalidRequest
 from pipeline.policy import user_settings as policy
-from pipeline.stages.runtime import utcnow
+from pipeline.policy.request_contract import InvalidRequest
+from pipeline.stages.records import utcnow
 from pipeline.state import db
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ from connectors.factory import create_connector
 from pipeline import metrics
 from pipeline.api import auth
 from pipeline.api.ingest import KAFKA_RETRY_AFTER_S, MAX_BODY_BYTES, json_error
-from pipeline.config import PROVIDERS, Settings
+from pipeline.config import Settings
+from pipeline.domain import PROVIDERS
 from pipeline.kafka import serde, topics
 from pipeline.kafka.upstream import AckedProducer, ProducerClosed
 from pipeline.state import redis_client

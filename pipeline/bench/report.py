@@ -14,7 +14,7 @@ from pipeline.bench import load
 from pipeline.bench.rig import Spread
 
 if TYPE_CHECKING:
-    from pipeline.bench.run import PhaseResult
+    from pipeline.bench.results import PhaseResult
 
 HEADER = f"| {'latency (ms)':34} | {'n':>7} | {'p50':>7} | {'p95':>7} | {'p99':>7} | {'max':>7} |"
 RULE = f"|{'-' * 36}|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|"
@@ -41,7 +41,7 @@ def latency_table(result: PhaseResult) -> list[str]:
 
 
 def cpu_table(results: Sequence[PhaseResult]) -> list[str]:
-    from pipeline.bench.run import cpu_ms_per_notification
+    from pipeline.bench.results import cpu_ms_per_notification
 
     per = [cpu_ms_per_notification(r) for r in results]
     roles = sorted({role for p in per for role in p}, key=lambda r: -max(p.get(r, 0.0) for p in per))
@@ -169,7 +169,7 @@ def render(results: Mapping[str, Any]) -> str:
 def capacity_lines(burst: PhaseResult) -> list[str]:
     """The capacity model's inputs from the burst, and its output (pipeline/bench/capacity.py)."""
     from pipeline.bench import capacity
-    from pipeline.bench.run import cpu_ms_per_notification
+    from pipeline.bench.results import cpu_ms_per_notification
 
     postgres = {name: value / burst.accepted for name, value in (burst.extra.get("postgres") or {}).items()}
     return capacity.render(capacity.Measured.from_bench(cpu_ms_per_notification(burst), postgres))
@@ -186,7 +186,7 @@ def write(folder: Path, results: Mapping[str, Any], text: str) -> Path:
 
 
 def _raw(results: Mapping[str, Any]) -> dict[str, Any]:
-    from pipeline.bench.run import cpu_ms_per_notification
+    from pipeline.bench.results import cpu_ms_per_notification
 
     def phase(p: PhaseResult) -> dict[str, Any]:
         lat = {f"{lane} {name}": (s.__dict__ if s else None)
@@ -209,7 +209,7 @@ def _charts(folder: Path, results: Mapping[str, Any]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.bench.run import cpu_ms_per_notification
+    from pipeline.bench.results import cpu_ms_per_notification
 
     phases: list[PhaseResult] = list(results["phases"])
     base = results.get("baseline")

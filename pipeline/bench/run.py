@@ -21,48 +21,36 @@ report gives the ratio. Figures are printed and written, with charts, to a repor
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import http.client
-import json
-import math
 import os
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import redis
-from tqdm import tqdm
-
 from pipeline.api.keys import create_key
 from pipeline.bench import load
+from pipeline.bench.api_client import ApiClient
 from pipeline.bench.load import KafkaLoad, Timeline, TopicClock
-from pipeline.bench.procs import Box, BoxSample, Usage, usage
-from pipeline.bench.rig import ApiProcess, BenchDatabase, BenchError, Spread, Workers, free_port_block, log_tail
+from pipeline.bench.measure import batch_sizes, drain, pg_delta, pg_stats, pg_tables, pg_tables_delta
+from pipeline.bench.pipeline_rig import Rig, cleanup, say, wait_ready
+from pipeline.bench.procs import Box, usage
+from pipeline.bench.results import PhaseResult
+from pipeline.bench.rig import ApiProcess, BenchDatabase, BenchError, Workers, free_port_block
 from pipeline.bench.sender_rig import SimulatorProcess
 from pipeline.config import Settings
 from pipeline.domain import STAGES
-from pipeline.kafka import clients, serde, topics
+from pipeline.kafka import topics
 from pipeline.state import db
 
-READY_TIMEOUT_S = 120.0
 IDLE_INTERVAL_S = 0.1
 OTP_INTERVAL_S = 0.05
 API_BATCH = 100
-API_CONCURRENCY = 4
-SAMPLE_EVERY_S = 1.0
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 @dataclass
@@ -89,49 +77,7 @@ class Plan:
         return 120.0 + count / 100
 
 
-# ------------------------------------------------------------------------------------------------ the rig
-
-
-@dataclass
-class Rig:
-    """The pipeline as processes, on the run's topics and database, and what talks to them."""
-
-    settings: Settings  # the run's: topic prefix, ports, its database
-    token: str
-    simulator: SimulatorProcess
-    api: ApiProcess | None
-    workers: Workers | None
-    api_key: str
-    env: dict[str, str]
-    codec: serde.AvroSerde = field(default_factory=serde.AvroSerde)
-
-    def accepted(self) -> int:
-        """Messages the simulator accepted so far (every provider)."""
-        stats = self.simulator.stats()
-        return sum(counts.get("accepted", 0) for name, counts in stats.items() if name != "sink")
-
-    def alive(self) -> bool:
-        return (self.workers is None or self.workers.alive()) and (self.api is None or self.api.process.poll() is None)
-
-    def why(self) -> str:
-        """Each process's exit code (or "running") and the end of its log: what a failed run says."""
-        parts = []
-        if self.workers is not None:
-            parts.append(f"  workers ({self.workers.process.poll() or 'running'}), {self.workers.log_path}:\n"
-                         f"{log_tail(self.workers.log_path)}")
-        if self.api is not None:
-            parts.append(f"  API ({self.api.process.poll() or 'running'}), {self.api.log_path}:\n"
-                         f"{log_tail(self.api.log_path, 15)}")
-        parts.append(f"  simulator, {self.simulator.log_path}:\n{log_tail(self.simulator.log_path, 10)}")
-        return "\n".join(parts)
-
-    def stop_pipeline(self) -> None:
-        if self.workers is not None:
-            self.workers.stop()
-            self.workers = None
-        if self.api is not None:
-            self.api.stop()
-            self.api = None
+# ------------------------------------------------------------------------------------------------ the rig, for the plan
 
 
 @contextmanager
@@ -161,141 +107,6 @@ def rig(settings: Settings, plan: Plan, token: str) -> Iterator[Rig]:
             made.stop_pipeline()
             simulator.stop()
             cleanup(mine, token)
-
-
-def cleanup(settings: Settings, token: str) -> None:
-    """The run's topics, consumer groups and Redis keys (the database goes with BenchDatabase)."""
-    names, groups, _kept = clients.delete_prefixed(settings, groups=True)
-    removed = remove_redis_keys(settings, token)
-    say(f"removed {len(names)} topics, {len(groups)} consumer groups, {removed} Redis keys and the database of the run")
-
-
-def remove_redis_keys(settings: Settings, token: str) -> int:
-    """The Redis keys a run's users and topic prefix made (rate-limit windows, breakers); how many."""
-    client = redis.Redis.from_url(settings.redis_dsn)
-    removed = 0
-    try:
-        for pattern in (f"*.{token}}}*", f"{settings.topic_prefix}*"):
-            found = list(client.scan_iter(match=pattern, count=10_000))
-            for start in range(0, len(found), 10_000):
-                removed += int(client.unlink(*found[start:start + 10_000]))
-    finally:
-        client.close()
-    return removed
-
-
-def wait_ready(made: Rig) -> None:
-    """Ready when a probe of each lane reached the provider."""
-    producer = KafkaLoad(made.settings, made.codec)
-    probes = [load.request("p", 0, made.token, "otp"), load.request("p", 1, made.token, "portfolio")]
-    for probe in probes:
-        producer.send(probe)
-    if producer.flush():
-        raise BenchError("the probes were not acknowledged by Kafka")
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while made.accepted() < len(probes):
-        if not made.alive():
-            raise BenchError(f"a process of the run died before the probes reached the simulator:\n{made.why()}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"the probes did not reach the simulator within {READY_TIMEOUT_S:.0f} s "
-                             f"(simulator: {made.simulator.stats()}):\n{made.why()}")
-        time.sleep(0.2)
-
-
-# ------------------------------------------------------------------------------------------------ the API share
-
-
-class ApiClient:
-    """Posts requests to the run's API from a thread of its own (an event loop with an aiohttp session)."""
-
-    def __init__(self, port: int, api_key: str) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self.refused = 0
-
-    def start_posting(self) -> tuple[queue.Queue[list[dict[str, Any]] | None], threading.Thread]:
-        """A thread posting the batches put on the returned queue (None ends it); the queue is bounded, so the
-        requests in memory stay few however large the run."""
-        batches: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=4 * API_CONCURRENCY)
-        thread = threading.Thread(target=lambda: asyncio.run(self._post_all(batches)), daemon=True,
-                                  name="bench-api")
-        thread.start()
-        return batches, thread
-
-    async def _post_all(self, batches: queue.Queue[list[dict[str, Any]] | None]) -> None:
-        async with aiohttp.ClientSession(headers=self.headers) as session:
-
-            async def post(batch: list[dict[str, Any]]) -> None:
-                body = json.dumps({"notifications": [load.as_json(r) for r in batch]})
-                for _attempt in range(5):
-                    async with session.post(f"{self.base}/v1/notifications:batch", data=body) as resp:
-                        await resp.read()
-                        if resp.status == 202:
-                            return
-                    await asyncio.sleep(0.5)
-                self.refused += len(batch)
-
-            async def poster() -> None:
-                while (batch := await asyncio.to_thread(batches.get)) is not None:
-                    await post(batch)
-                batches.put(None)  # the other posters end too
-
-            await asyncio.gather(*(poster() for _ in range(API_CONCURRENCY)))
-
-    def post_one(self, conn: http.client.HTTPConnection, req: Mapping[str, Any]) -> float:
-        """POST one request; the time (epoch ms) its 202 arrived."""
-        conn.request("POST", "/v1/notifications", body=json.dumps(load.as_json(req)), headers=self.headers)
-        resp = conn.getresponse()
-        resp.read()
-        if resp.status != 202:
-            raise BenchError(f"the API answered {resp.status} to an idle OTP")
-        return load.now_ms()
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-
-@dataclass
-class PhaseResult:
-    name: str
-    requests: int
-    produce_s: float
-    timeline: Timeline
-    started_ms: float  # first request created
-    usage: Usage | None = None
-    states: dict[str, int] = field(default_factory=dict)
-    complete: bool = True
-    peak_rss_kib: dict[str, int] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def provider_stamps(self) -> list[float]:
-        return [v for v in self.timeline.points["provider"] if not math.isnan(v)]
-
-    @property
-    def accepted(self) -> int:
-        return len(self.provider_stamps())
-
-    @property
-    def wall_s(self) -> float | None:
-        stamps = self.provider_stamps()
-        return (max(stamps) - self.started_ms) / 1000 if stamps else None
-
-    @property
-    def throughput(self) -> float | None:
-        wall = self.wall_s
-        return self.accepted / wall if wall else None
-
-    def latency(self, phase: str, lane: str | None = None) -> dict[str, Spread | None]:
-        indices = None if lane is None else load.indices_by_lane(phase, self.requests).get(lane, range(0))
-        spans = {name: Spread.of(self.timeline.spans(a, b, indices)) for name, a, b in load.STAGE_SPANS}
-        spans["receipt (accepted -> delivered)"] = Spread.of(self.timeline.spans("provider", "delivered", indices))
-        return spans
-
-
-def cpu_ms_per_notification(result: PhaseResult) -> dict[str, float]:
-    if result.usage is None or not result.accepted:
-        return {}
-    return {role: 1000 * cpu / result.accepted for role, cpu in sorted(result.usage.grouped().items())}
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -380,31 +191,6 @@ def phase_burst(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: B
     return result
 
 
-def batch_sizes(settings: Settings) -> dict[str, float]:
-    """Mean records per consumed batch of each stage worker so far (from its /metrics)."""
-    import urllib.request
-
-    from pipeline.stages.worker import metrics_port, processes
-
-    sizes: dict[str, float] = {}
-    for stage, lane in processes(("critical", "bulk"), STAGES):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(settings, stage, lane)}/metrics",
-                                        timeout=2) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith("notify_stage_batch_size_sum{"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("notify_stage_batch_size_count{"):
-                count += float(line.rsplit(" ", 1)[1])
-        if count:
-            sizes[f"{stage}/{lane}"] = total / count
-    return sizes
-
-
 def phase_backlog(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box: Box) -> PhaseResult:
     backlog, otps = timelines["k"], timelines["o"]
     producer = KafkaLoad(made.settings, made.codec)
@@ -438,103 +224,6 @@ def phase_backlog(made: Rig, plan: Plan, timelines: Mapping[str, Timeline], box:
     result.extra["otp_states"] = states.get("o", {})
     result.extra["otp_timeline"] = otps
     return result
-
-
-PG_STATS = """
-SELECT xact_commit + xact_rollback, tup_inserted, tup_updated, tup_deleted, tup_fetched, tup_returned, blks_hit,
-       blks_read
-FROM pg_stat_database WHERE datname = current_database()
-"""
-PG_STAT_NAMES = ("transactions", "rows inserted", "rows updated", "rows deleted", "rows fetched", "rows returned",
-                 "blocks hit", "blocks read")
-
-
-def pg_stats(settings: Settings) -> dict[str, int]:
-    """The database's activity counters (PostgreSQL reports them with a delay of up to a second: take them after a
-    pause)."""
-    with db.connect(settings) as conn:
-        row = conn.execute(PG_STATS).fetchone()
-    return dict(zip(PG_STAT_NAMES, (int(v or 0) for v in (row or ())), strict=False))
-
-
-def pg_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
-    return {name: after.get(name, 0) - before.get(name, 0) for name in PG_STAT_NAMES}
-
-
-PG_TABLE_STATS = """
-SELECT relname, seq_scan, seq_tup_read, COALESCE(idx_scan, 0), COALESCE(idx_tup_fetch, 0)
-FROM pg_stat_user_tables
-"""
-PG_TABLE_NAMES = ("seq scans", "rows read by seq scans", "index scans", "rows fetched by index")
-
-
-def pg_tables(settings: Settings) -> dict[str, tuple[int, ...]]:
-    """Per table of the run's database: how it was read (which table a plan scans whole shows here)."""
-    with db.connect(settings) as conn:
-        rows = conn.execute(PG_TABLE_STATS).fetchall()
-    return {str(row[0]): tuple(int(v or 0) for v in row[1:]) for row in rows}
-
-
-def pg_tables_delta(before: Mapping[str, tuple[int, ...]], after: Mapping[str, tuple[int, ...]]
-                    ) -> dict[str, dict[str, int]]:
-    """What each table's reads were over a phase, for the tables read at all."""
-    out = {}
-    for table, now in sorted(after.items()):
-        was = before.get(table, (0,) * len(now))
-        delta = dict(zip(PG_TABLE_NAMES, (a - b for a, b in zip(now, was, strict=True)), strict=True))
-        if any(delta.values()):
-            out[table] = delta
-    return out
-
-
-DELIVERED = """
-SELECT count(*) FROM deliveries d JOIN notifications n USING (notification_id)
-WHERE d.state = 'delivered' AND n.user_id LIKE %s
-"""
-
-
-def drain(made: Rig, box: Box, count: int, accepted_before: int, users: Sequence[str], timeout_s: float,
-          alive: Callable[[], bool] | None = None, database: Settings | None = None,
-          ) -> tuple[bool, dict[str, int], BoxSample]:
-    """Until the simulator accepted `count` more messages and their receipts made the rows of `users` (LIKE
-    patterns) `delivered`; a progress bar meanwhile. Whether all got there, the peak memory per role, and the box
-    sampled at the end."""
-    deadline = time.monotonic() + timeout_s
-    peak: dict[str, int] = {}
-    next_sample = 0.0
-    patterns = list(users)
-    alive = alive or made.alive
-
-    def sample() -> BoxSample:
-        taken = box.sample()
-        by_role: dict[str, int] = {}
-        for process in taken.processes.values():
-            by_role[process.role] = by_role.get(process.role, 0) + process.rss_kib
-        for role, kib in by_role.items():
-            peak[role] = max(peak.get(role, 0), kib)
-        return taken
-
-    with tqdm(total=count, desc="  provider accepted", unit="msg", smoothing=0.1, mininterval=1.0) as bar:
-        while True:
-            done = made.accepted() - accepted_before
-            bar.update(done - bar.n)
-            if time.monotonic() > next_sample:
-                sample()
-                next_sample = time.monotonic() + SAMPLE_EVERY_S
-            if done >= count or time.monotonic() > deadline or not alive():
-                break
-            time.sleep(0.5)
-    complete = made.accepted() - accepted_before >= count
-    while complete and time.monotonic() < deadline and alive():
-        with db.connect(database or made.settings) as conn:
-            delivered = 0
-            for pattern in patterns:
-                row = conn.execute(DELIVERED, (pattern,)).fetchone()
-                delivered += int(row[0]) if row else 0
-        if delivered >= count:
-            break
-        time.sleep(1.0)
-    return complete, peak, sample()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -583,7 +272,7 @@ def run_bench(settings: Settings, plan: Plan) -> int:
             for provider in ("twilio", "sendgrid"):
                 made.simulator.configure(provider, latency_ms=plan.provider_latency_ms,
                                          jitter_ms=plan.provider_latency_ms / 5)
-            results["baseline"] = baseline.run(made, plan, box)
+            results["baseline"] = baseline.run(made, plan.requests, plan.timeout_s(plan.requests), box)
     results["phases"] = phases
     text = report.render(results)
     say("\n" + text)

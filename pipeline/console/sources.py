@@ -16,8 +16,9 @@ from typing import Any, Final
 import aiohttp
 from redis.exceptions import RedisError
 
-from pipeline.config import PROVIDERS, Settings
+from pipeline.config import Settings
 from pipeline.console import figures
+from pipeline.domain import PROVIDERS
 from pipeline.kafka import serde
 from pipeline.policy.regions import CountryLabels
 from pipeline.state import redis_client

@@ -24,7 +24,8 @@ from pipeline.config import Settings
 from pipeline.errors import NotifyError
 from pipeline.kafka import clients, serde, topics
 from pipeline.stages import retry
-from pipeline.stages.runtime import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, Record, StageContext, utcnow
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, Record, utcnow
 from pipeline.state import db, deliveries
 
 READ_TIMEOUT_S = 10.0

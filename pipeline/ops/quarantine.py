@@ -26,7 +26,7 @@ from confluent_kafka import KafkaException
 from pipeline.config import Settings
 from pipeline.errors import NotifyError
 from pipeline.kafka import clients, serde, topics
-from pipeline.stages.runtime import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, HEADER_STAGE, Record
+from pipeline.stages.records import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, HEADER_STAGE, Record
 from pipeline.state import db
 
 READ_TIMEOUT_S: Final = 10.0

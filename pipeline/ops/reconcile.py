@@ -39,8 +39,8 @@ from pipeline.policy import providers as routing
 from pipeline.policy import recovery
 from pipeline.policy.templates import TemplateError, render
 from pipeline.stages import retry
-from pipeline.stages.runtime import ERRORS, StageContext
-from pipeline.stages.sender import messages_of
+from pipeline.stages.context import ERRORS, StageContext
+from pipeline.stages.send_jobs import messages_of
 from pipeline.state import db, deliveries
 
 log = logging.getLogger("notify.reconcile")

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from pipeline.domain import CHANNELS, NOTIFICATION_TYPES, is_e164, is_email, text_flaws
-from pipeline.kafka.upstream import PLATFORMS, FieldProblem, InvalidRequest
 from pipeline.policy.quiet_hours import known_timezone, parse_clock_time
+from pipeline.policy.request_contract import PLATFORMS, FieldProblem, InvalidRequest
 
 DIGESTS: Final = ("none", "hourly", "daily", "weekly")
 FIELDS: Final = frozenset({"timezone", "channel_preference", "categories", "quiet_hours", "digest", "contacts"})

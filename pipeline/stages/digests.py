@@ -29,7 +29,9 @@ from pipeline.errors import DecodeError
 from pipeline.kafka import serde, topics
 from pipeline.policy import digests as policy
 from pipeline.policy.templates import TemplateError, render
-from pipeline.stages.runtime import Stage, StageContext, utcnow
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import utcnow
+from pipeline.stages.runtime import Stage
 from pipeline.state import db
 
 log = logging.getLogger("notify.digests")

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import metrics
-from pipeline.stages.runtime import HEADER_RELEASED, Stage, StageContext
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import HEADER_RELEASED
+from pipeline.stages.runtime import Stage
 from pipeline.state import db
 
 log = logging.getLogger("notify.holds")

@@ -25,7 +25,10 @@ from typing import Any
 from pipeline.domain import Lane, lane_for
 from pipeline.kafka import serde, topics
 from pipeline.policy import intake as policy
-from pipeline.stages.runtime import Record, Stage, StageContext, Table, utcnow
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import Record, utcnow
+from pipeline.stages.runtime import Stage
+from pipeline.stages.tables import Table
 from pipeline.state import db
 
 # Inserts the batch's candidates and answers, for each, the id that owns its dedup key: its own when inserted, the

@@ -2,7 +2,7 @@
 channel.
 
 User settings arrive on the compacted, co-partitioned user-settings topic and are kept in a table that follows
-this worker's partitions (pipeline/stages/runtime.Table), so a user's requests and settings land on the same
+this worker's partitions (pipeline/stages/tables.Table), so a user's requests and settings land on the same
 worker: each decision is a local read, never a database call. A quiet-hours deferral is held durably
 (pipeline/stages/holds) and comes back to accepted.<lane> when the window ends, marked so that it is not deferred again.
 """
@@ -17,15 +17,10 @@ from pipeline.errors import DecodeError
 from pipeline.kafka import serde, topics
 from pipeline.policy import preferences as policy
 from pipeline.stages import digests, holds
-from pipeline.stages.runtime import (
-    HEADER_RELEASED,
-    Record,
-    Stage,
-    StageContext,
-    Table,
-    header,
-    utcnow,
-)
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import HEADER_RELEASED, Record, header, utcnow
+from pipeline.stages.runtime import Stage
+from pipeline.stages.tables import Table
 from pipeline.state import db
 
 log = logging.getLogger("notify.preferences")

@@ -17,7 +17,9 @@ from pipeline import metrics
 from pipeline.kafka import serde, topics
 from pipeline.policy import providers as policy
 from pipeline.policy import recovery
-from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import Record, utcnow
+from pipeline.stages.runtime import Stage
 from pipeline.state import db, deliveries
 
 log = logging.getLogger("notify.receipts")

@@ -28,16 +28,9 @@ from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.kafka import topics
-from pipeline.stages.runtime import (
-    HEADER_DETAIL,
-    HEADER_REASON,
-    HEADER_SOURCE,
-    FlowStep,
-    Record,
-    Stage,
-    StageContext,
-    utcnow,
-)
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE, Record, utcnow
+from pipeline.stages.runtime import FlowStep, Stage
 
 log = logging.getLogger("notify.retry")
 

@@ -17,7 +17,9 @@ from typing import Any
 from pipeline import metrics
 from pipeline.kafka import serde, topics
 from pipeline.stages import holds
-from pipeline.stages.runtime import Record, Stage, StageContext, utcnow
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import Record, utcnow
+from pipeline.stages.runtime import Stage
 from pipeline.state import db
 from pipeline.state.ratelimit import RateCheck, RateLimiter
 

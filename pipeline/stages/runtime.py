@@ -1,4 +1,7 @@
-"""What every stage shares: one batch loop with offsets we commit ourselves, tables, timers, output, metrics.
+"""The loop every stage runs on: one batch loop with offsets we commit ourselves, timers, flow control, metrics.
+
+What a stage stages and reports through is its context (pipeline/stages/context.py), what it reads are records
+(records.py), and its per-partition state is in tables (tables.py).
 
 A stage of a lane is one consumer group (`<prefix>notify-<stage>-<lane>`), so stages and lanes lag and scale
 apart. Every stage runs on the same loop, and the loop is batch-native and at-least-once by construction:
@@ -31,124 +34,37 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
 import logging
 import time
 import traceback
-import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import psycopg
-import redis.exceptions
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline import metrics
-from pipeline.config import Settings
-from pipeline.domain import Lane
-from pipeline.errors import DecodeError
-from pipeline.kafka import clients, serde, topics
+from pipeline.kafka import clients
 from pipeline.process import health
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import DeliveryFailed, Record, is_infrastructure
+from pipeline.stages.tables import Table
 
 log = logging.getLogger("notify.stage")
 
-STAGE_MESSAGES = metrics.counter(
-    "notify_stage_messages_total", "Messages a stage finished, by outcome.", ["stage", "lane", "outcome"])
 STAGE_BATCH_SECONDS = metrics.histogram(
     "notify_stage_batch_seconds", "Time a stage spent on one consumed batch, from handing it over to the commit.",
     ["stage", "lane"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
-STAGE_QUEUE_SECONDS = metrics.histogram(
-    "notify_stage_queue_latency_seconds", "Time from a notification's creation to this stage picking it up.",
-    ["stage", "lane"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 STAGE_BATCH = metrics.histogram(
     "notify_stage_batch_size", "Records per consumed batch.", ["stage", "lane"],
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000))
 STAGE_ASSIGNED = metrics.gauge("notify_stage_assigned_partitions", "Partitions this worker owns.", ["stage", "lane"])
-TABLE_PARTITIONS = metrics.gauge(
-    "notify_stage_table_partitions", "Partitions of a table (its backing topic) this worker holds: those of the input "
-    "partitions it owns.", ["stage", "lane", "logical_topic"])
-QUARANTINED = metrics.counter(
-    "notify_quarantined_total", "Messages sent to the invalid topic, by reason.", ["stage", "lane", "reason"])
-ERRORS = metrics.counter(
-    "notify_stage_errors_total", "Failures a worker caught and routed, by kind: message (a record broke the "
-    "handler and was quarantined), infrastructure (a database, Redis or Kafka error; the batch is retried), "
-    "timer, consumer (Kafka reported an error), round (a reconciler round failed).", ["stage", "lane", "kind"])
-EVENTS = metrics.counter(
-    "notify_delivery_events_total", "Delivery events emitted, by status.", ["stage", "lane", "status"])
-
-HEADER_REASON = "notify-reason"
-HEADER_DETAIL = "notify-detail"
-HEADER_SOURCE = "notify-source"  # topic/partition/offset the quarantined bytes came from
-HEADER_STAGE = "notify-stage"  # the stage that quarantined them
-HEADER_RELEASED = "notify-released"  # a held message coming back; its hold is not applied again
 
 BATCH_SIZE = 500
 ASSIGNMENT_STRATEGY = "cooperative-sticky"
-# Stages that serve both lanes from one consumer group (the receipts topic and the deliveries table are shared);
-# they run once, in the critical lane's process slot.
-LANE_FREE_STAGES = frozenset({"receipts", "reconcile"})
 POLL_TIMEOUT_S = 0.5  # the longest a stage blocks with nothing arriving (timers cut it shorter)
-FLUSH_TIMEOUT_S = 30.0
 BATCH_RETRY_S = 120.0  # well under max.poll.interval.ms (300 s): the group must not think we died
 RETRY_PAUSE_S = (0.25, 10.0)  # first and longest pause between retries of a batch that met an infrastructure error
-
-# What an outage of a dependency raises: the batch is retried, never quarantined.
-INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,  # connection lost, server shutting down, pool timeout, statement timeout, deadlock
-    psycopg.InterfaceError,  # a closed connection or pool
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    KafkaException,
-    BufferError,  # the producer's queue is full and stays full: the broker is not taking anything
-    TimeoutError,
-    OSError,
-)
-
-
-def is_infrastructure(exc: BaseException) -> bool:
-    """Whether `exc` says a dependency is unavailable (retry the batch) rather than something about the data."""
-    if isinstance(exc, DeliveryFailed | serde.RegistryError):
-        return True
-    return isinstance(exc, INFRASTRUCTURE_ERRORS)
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed Kafka record, as a handler sees it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Mapping[str, bytes]
-    timestamp_ms: int
-
-    @classmethod
-    def of(cls, message: Message) -> Record:
-        raw = message.headers()
-        if raw:
-            pairs = raw.items() if isinstance(raw, dict) else raw
-            headers: Mapping[str, bytes] = {name: value.encode() if isinstance(value, str) else bytes(value or b"")
-                                            for name, value in pairs}
-        else:
-            headers = NO_HEADERS
-        return cls(message.topic() or "", message.partition() or 0, message.offset() or 0, message.key(),
-                   message.value(), headers, message.timestamp()[1])
-
-    @property
-    def source(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
-
-
-NO_HEADERS: Mapping[str, bytes] = {}
 
 
 def records_of(messages: Iterable[Message], ctx: StageContext) -> list[Record]:
@@ -164,299 +80,10 @@ def records_of(messages: Iterable[Message], ctx: StageContext) -> list[Record]:
     return records
 
 
-class DeliveryFailed(RuntimeError):
-    """Kafka did not acknowledge something a batch produced: the batch is not committed."""
-
-
-@dataclass(slots=True)
-class Output:
-    """A record staged for producing: physical topic, key, value, headers, partition (-1: the partitioner's)."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, str | bytes | None]] | None
-    partition: int = -1
-
-
-@dataclass
-class StageContext:
-    """One stage of one lane: its producer, the serializer, its staged output, how it reports (events,
-    quarantine, metrics)."""
-
-    settings: Settings
-    stage: str
-    lane: Lane
-    producer: Producer
-    codec: serde.AvroSerde = field(default_factory=serde.AvroSerde)
-    staged: list[Output] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._refused: list[Output] = []
-        self._failure = ""
-        self._unflushed = 0
-        self._physical: dict[str, str] = {}
-        self.outcomes = metrics.Children(STAGE_MESSAGES, self.stage, self.lane)
-        self.errors = metrics.Children(ERRORS, self.stage, self.lane)
-        self._events = metrics.Children(EVENTS, self.stage)
-        self._quarantined = metrics.Children(QUARANTINED, self.stage, self.lane)
-        self._queue_latency = STAGE_QUEUE_SECONDS.labels(self.stage, self.lane)
-
-    @property
-    def group_id(self) -> str:
-        if self.stage in LANE_FREE_STAGES:
-            return f"{self.settings.topic_prefix}notify-{self.stage}"
-        return f"{self.settings.topic_prefix}notify-{self.stage}-{self.lane}"
-
-    def topic(self, logical_name: str) -> str:
-        physical = self._physical.get(logical_name)
-        if physical is None:
-            physical = self._physical[logical_name] = self.settings.topic(logical_name)
-        return physical
-
-    # ------------------------------------------------------------------------------------------------ output
-
-    def send(self, logical_name: str, key: str | bytes | None, value: bytes | None,
-             headers: Mapping[str, bytes] | None = None, partition: int | None = None) -> None:
-        """Stage a record; it is produced by the next `settle()` (the runner's, after the handler returned)."""
-        self.staged.append(Output(self.topic(logical_name), key.encode() if isinstance(key, str) else key, value,
-                                  list(headers.items()) if headers else None,
-                                  -1 if partition is None else partition))
-
-    def discard(self, since: int = 0) -> None:
-        """Drop what was staged from position `since` on and not produced (a handler that failed is run again)."""
-        del self.staged[since:]
-
-    def _acked(self, error: KafkaError | None, message: Message) -> None:
-        # One bound callback for every record (no future or closure per record); it runs in flush()'s thread.
-        # A refused record is kept, on the partition it was given, to be produced again.
-        if error is not None:
-            headers = message.headers()
-            partition = message.partition()
-            self._refused.append(Output(message.topic() or "", message.key(), message.value(),
-                                        list(headers.items()) if isinstance(headers, dict) else headers,
-                                        partition if partition is not None and partition >= 0 else -1))
-            self._failure = f"{message.topic()}: {error}"
-
-    def produce_staged(self) -> None:
-        """Hand everything staged to the producer (without waiting for acknowledgements)."""
-        if not self.staged:
-            return
-        staged, self.staged = self.staged, []
-        produce, acked = self.producer.produce, self._acked
-        for out in staged:
-            while True:
-                try:
-                    produce(out.topic, out.value, out.key, out.partition, acked, headers=out.headers)
-                    break
-                except BufferError:  # the local queue is full: let deliveries drain, then try again
-                    self.producer.poll(0.05)
-        self._unflushed += len(staged)
-
-    async def settle(self) -> None:
-        """Produce what is staged and wait until Kafka acknowledged everything produced since the last settle;
-        DeliveryFailed if anything was refused or not acknowledged in time."""
-        self.produce_staged()
-        if not self._unflushed:
-            return
-        remaining = await asyncio.to_thread(self.producer.flush, FLUSH_TIMEOUT_S)
-        self._unflushed = remaining  # still queued in the producer: the next settle waits for them again
-        refused, self._refused = self._refused, []
-        if refused:
-            self.staged[:0] = refused
-            raise DeliveryFailed(f"Kafka refused {len(refused)} messages, e.g. {self._failure}")
-        if remaining:
-            raise DeliveryFailed(f"{remaining} messages not acknowledged within {FLUSH_TIMEOUT_S:.0f}s")
-
-    # ------------------------------------------------------------------------------------------------ reports
-
-    def emit(self, request: Mapping[str, Any], status: str, *, channel: str | None = None,
-             provider: str | None = None, attempt: int = 0, error_code: str | None = None,
-             error_message: str | None = None, lane: str | None = None, at: datetime.datetime | None = None,
-             ) -> None:
-        """Stage one DeliveryEvent on delivery-events for a state change of `request` (a request or a task);
-        `lane` for stages that serve both lanes (default: this stage's); `at` when a batch shares one clock."""
-        event = {
-            "event_id": str(uuid.uuid4()),
-            "notification_id": str(request["notification_id"]),
-            "user_id": request["user_id"],
-            "notification_type": request["type"],
-            "lane": lane or self.lane,
-            "channel": channel,
-            "provider": provider,
-            "status": status,
-            "stage": self.stage,
-            "attempt": attempt,
-            "error_code": error_code,
-            "error_message": (error_message or "")[:1000] or None,
-            "occurred_at": at or utcnow(),
-            "created_at": request.get("created_at"),
-            "correlation_id": request.get("correlation_id"),
-        }
-        self.send(topics.DELIVERY_EVENTS, request["user_id"],
-                  self.codec.encode(serde.DELIVERY_EVENT, event, trusted=True))
-        self._events(lane or self.lane, status).inc()
-
-    def quarantine(self, record: Record, reason: str, detail: str) -> None:
-        """Stage the original bytes for `invalid`, with why and where from in headers beside the record's own (a
-        redrive puts those back: upstream's tracing, a retry's due time)."""
-        headers = {
-            **record.headers,
-            HEADER_REASON: reason.encode(),
-            HEADER_DETAIL: detail[:2000].encode(errors="replace"),
-            HEADER_SOURCE: record.source.encode(),
-            HEADER_STAGE: self.stage.encode(),
-        }
-        self.send(topics.INVALID, record.key, record.value, headers)
-        self._quarantined(reason).inc()
-        log.warning("quarantined %s: %s %s", record.source, reason, detail[:500])
-
-    def decode(self, record: Record, name: str) -> dict[str, Any] | None:
-        """The record `record` carries, or None after staging undecodable bytes for quarantine."""
-        try:
-            if record.value is None:
-                raise DecodeError("empty", "a null value (tombstone) where a record was expected")
-            value: dict[str, Any] = self.codec.decode(record.value, expected=name).value
-        except DecodeError as exc:
-            self.quarantine(record, exc.reason, str(exc))
-            self.outcomes("undecodable").inc()
-            return None
-        return value
-
-    def observe_queue_latency(self, created_at: datetime.datetime | None, now: datetime.datetime) -> None:
-        if created_at is not None:
-            self._queue_latency.observe(max(0.0, (now - created_at).total_seconds()))
-
-
 # A stage's work on the records of one input topic (or several, when they share a handler) in one consumed batch,
 # each partition's records in offset order. It stages its output through ctx.send/emit/quarantine; what it raises
 # is sorted by the runner (see the module docstring).
 BatchHandler = Callable[[StageContext, list[Record]], Awaitable[None]]
-
-
-def header(record: Record, name: str) -> bytes | None:
-    return record.headers.get(name)
-
-
-# ------------------------------------------------------------------------------------------------- tables
-
-
-class Table:
-    """Per-partition state kept in memory and backed by a compacted topic co-partitioned with the stage's input.
-
-    Partition p of the table belongs to whoever owns partition p of the input (same key, same partitioner), so
-    reads are local. When a partition is assigned, its part of the backing topic is read to the end before any
-    input record of that partition is processed; afterwards `catch_up` applies what others wrote (e.g. the
-    settings API) between batches. `put` writes through to the topic, so a restarted worker finds the state.
-    """
-
-    def __init__(self, ctx: StageContext, logical_topic: str, *,
-                 apply: Callable[[bytes | None, bytes | None], bytes | None] | None = None,
-                 on_update: Callable[[str], None] | None = None) -> None:
-        self.ctx = ctx
-        self.logical_topic = logical_topic
-        self.topic = ctx.settings.topic(logical_topic)
-        self._apply = apply or (lambda _current, new: new)
-        self._on_update = on_update
-        self._data: dict[int, dict[str, bytes]] = defaultdict(dict)
-        self._reader: Consumer = clients.consumer(ctx.settings, f"{ctx.group_id}-table-{uuid.uuid4().hex[:8]}")
-        self._owned: set[int] = set()
-        self._held = TABLE_PARTITIONS.labels(ctx.stage, ctx.lane, logical_topic)
-
-    @property
-    def owned(self) -> list[int]:
-        return sorted(self._owned)
-
-    def get(self, key: str, partition: int) -> bytes | None:
-        return self._data[partition].get(key)
-
-    def items(self, partition: int) -> list[tuple[str, bytes]]:
-        return list(self._data[partition].items())
-
-    def put(self, key: str, value: bytes | None, partition: int) -> None:
-        """Set (or, with None, delete) `key` in `partition`: in memory now, in the backing topic with the batch's
-        output."""
-        if value is None:
-            self._data[partition].pop(key, None)
-        else:
-            self._data[partition][key] = value
-        self.ctx.send(self.logical_topic, key, value, partition=partition)
-
-    def _ingest(self, message: Message) -> None:
-        key = (message.key() or b"").decode(errors="replace")
-        partition = message.partition() or 0
-        merged = self._apply(self._data[partition].get(key), message.value())
-        if merged is None:
-            self._data[partition].pop(key, None)
-        else:
-            self._data[partition][key] = merged
-        if self._on_update is not None:
-            self._on_update("deleted" if message.value() is None else "updated")
-
-    def restore(self, partitions: Iterable[int], timeout_s: float = 120.0) -> None:
-        """Own `partitions`: read their part of the backing topic to its current end (blocking)."""
-        new = sorted(set(partitions) - self._owned)
-        if not new:
-            return
-        deadline = time.monotonic() + timeout_s
-        ends = {}
-        for p in new:
-            low, high = self._watermarks(p, deadline)
-            if high > low:
-                ends[p] = high
-            self._data[p] = {}
-        self._reader.incremental_assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in new])
-        self._owned.update(new)
-        self._held.set(len(self._owned))
-        restored = 0
-        while ends:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"restoring {self.topic} partitions {sorted(ends)} took over {timeout_s:.0f}s")
-            for message in self._reader.consume(1000, 0.5):
-                if message.error() is not None:
-                    continue
-                self._ingest(message)
-                restored += 1
-                partition, offset = message.partition() or 0, message.offset() or 0
-                if offset + 1 >= ends.get(partition, 0):
-                    ends.pop(partition, None)
-        log.info("%s: restored %d records of %s partitions %s", self.ctx.group_id, restored, self.topic, new)
-
-    def _watermarks(self, partition: int, deadline: float) -> tuple[int, int]:
-        """The backing partition's offsets, asked again while its leadership moves (a broker lost, an election)."""
-        while True:
-            try:
-                low, high = self._reader.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-                return int(low), int(high)
-            except KafkaException as exc:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.topic}/{partition}: no offsets before the deadline ({exc})") from None
-                log.warning("%s: offsets of %s/%d: %s; asking again", self.ctx.group_id, self.topic, partition, exc)
-                time.sleep(0.5)
-
-    def release(self, partitions: Iterable[int]) -> None:
-        gone = sorted(set(partitions) & self._owned)
-        if not gone:
-            return
-        self._reader.incremental_unassign([TopicPartition(self.topic, p) for p in gone])
-        for p in gone:
-            self._owned.discard(p)
-            self._data.pop(p, None)
-        self._held.set(len(self._owned))
-
-    def catch_up(self) -> int:
-        """Apply whatever arrived on the owned partitions since the last call, without waiting."""
-        if not self._owned:
-            return 0
-        applied = 0
-        for message in self._reader.consume(1000, 0):
-            if message.error() is None and message.partition() in self._owned:
-                self._ingest(message)
-                applied += 1
-        return applied
-
-    def close(self) -> None:
-        self._reader.close()
 
 
 # ------------------------------------------------------------------------------------------------ the loop

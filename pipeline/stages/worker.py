@@ -29,7 +29,8 @@ from pipeline.ops.reconcile import Reconciler
 from pipeline.policy import templates
 from pipeline.process import aio, health
 from pipeline.stages import intake, preferences, receipts, retry, routing, sender
-from pipeline.stages.runtime import LANE_FREE_STAGES, StageContext, StageRunner
+from pipeline.stages.context import LANE_FREE_STAGES, StageContext
+from pipeline.stages.runtime import StageRunner
 
 log = logging.getLogger("notify.worker")
 

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.kafka import serde, topics
 from pipeline.policy.providers import RoutingTable
 from pipeline.policy.recovery import DeliveryView
-from pipeline.stages.runtime import StageContext
+from pipeline.stages.context import StageContext
 
 SELECT = """
 SELECT d.notification_id::text, d.channel, d.state, d.provider, d.provider_message_id, d.fallback_from, d.task,

@@ -17,7 +17,7 @@ from support.harness import TcpForwarder, bearer, lane_records, serving
 
 from pipeline.api.ingest import MAX_JSON_DEPTH
 from pipeline.config import Settings
-from pipeline.kafka.upstream import InvalidRequest, normalize_request
+from pipeline.policy.request_contract import InvalidRequest, normalize_request
 from pipeline.state import db
 
 

@@ -32,6 +32,7 @@ from connectors.factory import create_connector
 from connectors.fcm_push import FcmPush
 from connectors.simulator import run_simulator
 from pipeline import config
+from pipeline.domain import PROVIDERS
 
 PUSH = ["fcm", "apns"]
 NID = "0f8fad5b-d9cb-469f-a165-70867728950e"
@@ -222,7 +223,7 @@ async def test_push_has_no_status_api_and_no_receipts() -> None:
 
 def test_push_settings_default_to_the_simulator() -> None:
     settings = config.load({"NOTIFY_SIMULATOR_PORT": "58111", "NOTIFY_SIMULATOR_APNS_PORT": "58112"})
-    assert {"fcm", "apns"} <= set(config.PROVIDERS)
+    assert {"fcm", "apns"} <= set(PROVIDERS)
     assert settings.provider_base_url("fcm") == "http://127.0.0.1:58111/fcm"
     assert settings.provider_base_url("apns") == "http://127.0.0.1:58112"
     assert fcm_push.service_account(settings)["token_uri"] == "http://127.0.0.1:58111/fcm/token"

@@ -12,7 +12,7 @@ from support.harness import Pipeline, bearer, read_topic, serving, start_pipelin
 from pipeline.config import Settings
 from pipeline.kafka import serde, topics
 from pipeline.ops import quarantine
-from pipeline.stages.runtime import HEADER_REASON
+from pipeline.stages.records import HEADER_REASON
 from pipeline.state import db
 
 

@@ -18,8 +18,9 @@ from support.harness import lane_records
 from pipeline.config import Settings
 from pipeline.domain import MAX_USER_ID_LENGTH
 from pipeline.kafka import serde
-from pipeline.kafka.upstream import InvalidRequest, NotificationProducer, ProduceError, normalize_request
+from pipeline.kafka.upstream import NotificationProducer, ProduceError
 from pipeline.policy import intake, templates
+from pipeline.policy.request_contract import InvalidRequest, normalize_request
 
 
 @pytest.fixture

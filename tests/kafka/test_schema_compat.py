@@ -18,12 +18,13 @@ import pytest
 from fastavro.utils import generate_many
 
 from pipeline.config import REPO_ROOT
-from pipeline.kafka import serde
-from pipeline.kafka.serde import RECORDS, SchemaVersion
+from pipeline.kafka import schemas
+from pipeline.kafka.schemas import SchemaVersion
+from pipeline.kafka.serde import RECORDS
 
 SAMPLES_PER_VERSION = 200
-CURRENT = serde.current_schemas()
-RELEASED = serde.released_schemas()
+CURRENT = schemas.current_schemas()
+RELEASED = schemas.released_schemas()
 
 
 def git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,7 +48,7 @@ def previous_git_version(name: str) -> SchemaVersion | None:
         if shown.returncode != 0:  # the commit deleted the file
             continue
         if shown.stdout != working_copy:
-            return serde.parse_schema_text(shown.stdout, f"git {revision[:12]}:{path}")
+            return schemas.parse_schema_text(shown.stdout, f"git {revision[:12]}:{path}")
     return None
 
 

@@ -1,4 +1,5 @@
-"""pipeline.kafka.serde: round trips in both wire formats, schema evolution, garbage, freeze/check of the history.
+"""pipeline.kafka.serde: round trips in both wire formats, schema evolution, garbage; pipeline.kafka.schemas:
+freeze/check of the history.
 
 No broker and no registry server: the Confluent path uses the client library's in-memory `mock://` registry.
 """
@@ -24,7 +25,8 @@ from hypothesis import strategies as st
 
 from pipeline import config
 from pipeline.errors import DecodeError
-from pipeline.kafka import serde
+from pipeline.kafka import schemas, serde
+from pipeline.kafka.schemas import SchemaError
 from pipeline.kafka.serde import (
     DELIVERY_EVENT,
     DELIVERY_TASK,
@@ -35,7 +37,6 @@ from pipeline.kafka.serde import (
     AvroSerde,
     EncodeError,
     RegistryError,
-    SchemaError,
 )
 
 NOW = datetime(2025, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)  # millisecond precision, as timestamp-millis keeps
@@ -149,7 +150,7 @@ def crc64_avro(data: bytes) -> int:
 
 
 def schema_json(name: str) -> dict[str, Any]:
-    return cast(dict[str, Any], json.loads((serde.SCHEMAS_DIR / f"{name}.avsc").read_text()))
+    return cast(dict[str, Any], json.loads((schemas.SCHEMAS_DIR / f"{name}.avsc").read_text()))
 
 
 def without_keys(value: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def without_fields(schema: dict[str, Any], *names: str) -> dict[str, Any]:
 
 def copy_schemas(tmp_path: Path) -> Path:
     target = tmp_path / "schemas"
-    shutil.copytree(serde.SCHEMAS_DIR, target)
+    shutil.copytree(schemas.SCHEMAS_DIR, target)
     return target
 
 
@@ -427,28 +428,28 @@ def add_field(schemas_dir: Path, name: str, field: dict[str, Any]) -> None:
 
 
 def test_repository_history_is_clean() -> None:
-    assert serde.check_history() == []
+    assert schemas.check_history() == []
 
 
 def test_freeze_releases_a_compatible_change_once(tmp_path: Path) -> None:
     schemas_dir = copy_schemas(tmp_path)
     add_field(schemas_dir, DELIVERY_EVENT, {"name": "region", "type": ["null", "string"], "default": None})
-    assert any("run `notify schemas freeze`" in p for p in serde.check_history(schemas_dir))
+    assert any("run `notify schemas freeze`" in p for p in schemas.check_history(schemas_dir))
 
     next_release = len(list((schemas_dir / "history" / DELIVERY_EVENT).glob("*.avsc"))) + 1
-    written = serde.freeze(schemas_dir)
+    written = schemas.freeze(schemas_dir)
 
     release = schemas_dir / "history" / DELIVERY_EVENT / f"{next_release}.avsc"
     assert written == [release]
     assert release.read_bytes() == (schemas_dir / f"{DELIVERY_EVENT}.avsc").read_bytes()
-    assert serde.check_history(schemas_dir) == []
-    assert serde.freeze(schemas_dir) == []
+    assert schemas.check_history(schemas_dir) == []
+    assert schemas.freeze(schemas_dir) == []
 
 
 def test_freeze_starts_the_history(tmp_path: Path) -> None:
     schemas_dir = copy_schemas(tmp_path)
     shutil.rmtree(schemas_dir / "history")
-    written = serde.freeze(schemas_dir)
+    written = schemas.freeze(schemas_dir)
     assert sorted(p.relative_to(schemas_dir).as_posix() for p in written) == sorted(
         f"history/{name}/1.avsc" for name in RECORDS
     )
@@ -460,9 +461,9 @@ def test_freeze_refuses_an_incompatible_change(tmp_path: Path) -> None:
     add_field(schemas_dir, DELIVERY_EVENT, {"name": "region", "type": "string"})
     released_before = sorted((schemas_dir / "history" / DELIVERY_EVENT).glob("*.avsc"))
     with pytest.raises(SchemaError, match="cannot read data written with"):
-        serde.freeze(schemas_dir)
+        schemas.freeze(schemas_dir)
     assert sorted((schemas_dir / "history" / DELIVERY_EVENT).glob("*.avsc")) == released_before
-    assert any("cannot read data written with" in p for p in serde.check_history(schemas_dir))
+    assert any("cannot read data written with" in p for p in schemas.check_history(schemas_dir))
 
 
 def test_check_history_finds_broken_files(tmp_path: Path) -> None:
@@ -475,7 +476,7 @@ def test_check_history_finds_broken_files(tmp_path: Path) -> None:
     (schemas_dir / f"{USER_SETTINGS}.avsc").write_text(json.dumps(settings_schema))
     (schemas_dir / "Broken.avsc").write_text("{not json")
 
-    problems = "\n".join(serde.check_history(schemas_dir))
+    problems = "\n".join(schemas.check_history(schemas_dir))
 
     assert "numbered 1..n without gaps" in problems
     assert "DeliveryTask.note: the default must match the union's first type" in problems

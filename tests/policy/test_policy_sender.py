@@ -12,7 +12,7 @@ from pipeline.bench.sender_rig import make_task
 from pipeline.errors import ConfigError
 from pipeline.policy import providers as policy
 from pipeline.policy.templates import TemplateError, render
-from pipeline.stages.sender import messages_of, response_status
+from pipeline.stages.send_jobs import messages_of, response_status
 
 
 def test_content_is_sent_as_is_and_templates_take_their_params() -> None:

@@ -7,8 +7,8 @@ import datetime
 import pytest
 
 from pipeline.kafka.serde import USER_SETTINGS, AvroSerde
-from pipeline.kafka.upstream import InvalidRequest
 from pipeline.policy import user_settings as policy
+from pipeline.policy.request_contract import InvalidRequest
 
 NOW = datetime.datetime(2026, 11, 22, 9, 30, tzinfo=datetime.UTC)
 

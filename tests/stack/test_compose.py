@@ -18,10 +18,10 @@ import yaml
 from connectors import fcm_push
 from pipeline import config
 from pipeline.api.app import DEFAULT_HOST as API_HOST
-from pipeline.cli import build_parser
+from pipeline.cli.parser import build_parser
 from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, REPO_ROOT, Settings
 from pipeline.domain import LANES, STAGES
-from pipeline.kafka import serde, topics
+from pipeline.kafka import schemas, topics
 from pipeline.policy import ratelimit
 from pipeline.stack.common import find_binary
 from pipeline.stack.kafka import cluster_nodes, kafka_version, server_properties
@@ -335,7 +335,7 @@ def test_the_image_runs_the_cli_as_a_user_from_the_locked_install() -> None:
     entrypoints = [json.loads(args) for op, args in instructions if op == "ENTRYPOINT"]
     assert entrypoints == [["python", "-m", "pipeline"]]
     runs = " ".join(args for op, args in instructions if op == "RUN")
-    # in place (-e): pipeline/config.py's REPO_ROOT is then the copied tree, whose files the processes read
+    # in place (-e): pipeline/config/catalogue.py's REPO_ROOT is then the copied tree, whose files the processes read
     assert "pip install -c requirements.lock -e ." in runs
     users = [args for op, args in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the processes must not run as root"
@@ -356,7 +356,7 @@ def test_the_image_holds_every_file_the_processes_read_at_runtime() -> None:
                 copied.append(source)
     ignored = [line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
-    needed = [serde.SCHEMAS_DIR, topics.TOPICS_FILE, migrate.MIGRATIONS_DIR, ratelimit.DEFAULT_POLICY_PATH,
+    needed = [schemas.SCHEMAS_DIR, topics.TOPICS_FILE, migrate.MIGRATIONS_DIR, ratelimit.DEFAULT_POLICY_PATH,
               fcm_push.SIMULATOR_ACCOUNT, config.load({}).apns_private_key, config.load({}).templates_dir,
               REPO_ROOT / "pyproject.toml", REPO_ROOT / "requirements.lock", REPO_ROOT / "pipeline",
               REPO_ROOT / "connectors"]

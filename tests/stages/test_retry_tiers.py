@@ -21,7 +21,9 @@ from support.harness import TopicReader
 from pipeline.config import Settings
 from pipeline.kafka import clients, topics
 from pipeline.stages import retry
-from pipeline.stages.runtime import HEADER_REASON, StageContext, StageRunner
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import HEADER_REASON
+from pipeline.stages.runtime import StageRunner
 
 # The releaser runs as a task of the fixture's loop: tests must run in that same (session) loop.
 pytestmark = pytest.mark.asyncio(loop_scope="session")

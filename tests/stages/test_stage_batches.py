@@ -21,14 +21,9 @@ from support.harness import topic_records
 from pipeline.config import Settings
 from pipeline.kafka import clients, topics
 from pipeline.process import health
-from pipeline.stages.runtime import (
-    HEADER_REASON,
-    Record,
-    Stage,
-    StageContext,
-    StageRunner,
-    is_infrastructure,
-)
+from pipeline.stages.context import StageContext
+from pipeline.stages.records import HEADER_REASON, Record, is_infrastructure
+from pipeline.stages.runtime import Stage, StageRunner
 from pipeline.state import db
 
 IN_SESSION_LOOP = pytest.mark.asyncio(loop_scope="session")  # the runner is a task of the fixture's loop
@@ -184,7 +179,7 @@ def test_errors_are_sorted_into_infrastructure_and_data() -> None:
     from confluent_kafka import KafkaException
 
     from pipeline.errors import DecodeError
-    from pipeline.stages.runtime import DeliveryFailed
+    from pipeline.stages.records import DeliveryFailed
 
     for infra in (psycopg.OperationalError("down"), psycopg.errors.AdminShutdown("restart"),
                   redis.exceptions.ConnectionError("refused"), KafkaException("broker"), DeliveryFailed("x"),

@@ -6,7 +6,8 @@ import time
 
 from pipeline.config import Settings
 from pipeline.kafka import clients, topics
-from pipeline.stages.runtime import StageContext, Table
+from pipeline.stages.context import StageContext
+from pipeline.stages.tables import Table
 
 
 def context(settings: Settings) -> StageContext:
