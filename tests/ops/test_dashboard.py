@@ -39,7 +39,9 @@ ROWS: list[tuple[str, set[str]]] = [
 
 def declared_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Every metric the worker, API and exporter modules declare (importing them declares their metrics)."""
-
+    import pipeline.api.app
+    import pipeline.ops.exporter
+    import pipeline.stages.worker  # noqa: F401 (imported for the metrics it declares)
     from pipeline import metrics
 
     return dict(metrics.DECLARED)
