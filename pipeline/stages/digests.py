@@ -18,6 +18,7 @@ A crash between 2 and 3 repeats the round: the same digest again, sent once; not
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from pipeline.state import db
 
 log = logging.getLogger("notify.digests")
 
-LOCK_KEY = 0x6E6F746479676573  # pg advisory lock id of the digest releaser ("notdyges")
+LOCK_KEY = 0x6E6F746479676573  # pg advisory lock id of the digest releaser ("notdyges"), one per topic prefix
 WINDOWS_PER_ROUND = 200
 DIGEST_TTL = datetime.timedelta(days=1)  # a digest not sent within a day of its window is stale
 
@@ -48,19 +49,23 @@ ITEMS = metrics.counter("notify_digest_items_total", "Held items answered by a d
                         ["type", "outcome"])
 
 INSERT_ITEMS = """
-INSERT INTO digest_items (notification_id, user_id, notification_type, frequency, window_end, address, request)
-SELECT k.* FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bytea[])
+INSERT INTO digest_items (notification_id, user_id, notification_type, frequency, window_end, address, request,
+                          topic_prefix)
+SELECT k.*, %s FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[],
+                           %s::bytea[])
      AS k(notification_id, user_id, notification_type, frequency, window_end, address, request)
 WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = k.notification_id)
 ON CONFLICT (notification_id) DO NOTHING
 """
 DUE_ITEMS = """
 WITH due AS (
-    SELECT user_id, notification_type, window_end FROM digest_items WHERE window_end <= %(now)s
+    SELECT user_id, notification_type, window_end FROM digest_items
+    WHERE topic_prefix = %(prefix)s AND window_end <= %(now)s
     GROUP BY user_id, notification_type, window_end ORDER BY window_end LIMIT %(windows)s
 )
 SELECT i.notification_id::text, i.user_id, i.notification_type, i.frequency, i.window_end, i.address, i.request
 FROM digest_items i JOIN due USING (user_id, notification_type, window_end)
+WHERE i.topic_prefix = %(prefix)s
 ORDER BY i.window_end, i.user_id, i.notification_type, i.created_at
 """
 INSERT_DIGESTS = """
@@ -94,11 +99,13 @@ class Held:
     request: bytes
 
 
-async def hold_all(conn: Any, items: Sequence[Held]) -> None:
-    """Keep `items` for their digests (one statement, in the caller's transaction)."""
+async def hold_all(ctx: StageContext, conn: Any, items: Sequence[Held]) -> None:
+    """Keep `items` for their digests (one statement, in the caller's transaction), as this pipeline's (its topic
+    prefix): only its releaser sends them."""
     if not items:
         return
     await conn.execute(INSERT_ITEMS, (
+        ctx.settings.topic_prefix,
         [i.notification_id for i in items], [i.user_id for i in items], [i.notification_type for i in items],
         [i.frequency for i in items], [i.window_end for i in items], [i.address for i in items],
         [i.request for i in items]))
@@ -134,25 +141,34 @@ def _task(digest: policy.Digest, now: datetime.datetime) -> dict[str, Any]:
     }
 
 
+def lock_key(topic_prefix: str) -> int:
+    """The releaser's advisory lock for one pipeline (topic prefix): one releaser per pipeline, not per database."""
+    if not topic_prefix:
+        return LOCK_KEY
+    return LOCK_KEY ^ int.from_bytes(hashlib.blake2b(topic_prefix.encode(), digest_size=7).digest(), "big")
+
+
 async def release_due(ctx: StageContext, now: datetime.datetime | None = None) -> int:
     """Send the digest of every window that ended by `now` (default: the clock); how many digests were sent.
     Nothing when another worker holds the releaser's lock."""
     pool = await db.async_pool(ctx.settings)
+    lock = lock_key(ctx.settings.topic_prefix)
     async with pool.connection() as lock_conn:
-        won = await (await lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))).fetchone()
+        won = await (await lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (lock,))).fetchone()
         await lock_conn.commit()
         if not won or not won[0]:
             return 0
         try:
             return await _release(ctx, pool, now or utcnow())
         finally:
-            await lock_conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+            await lock_conn.execute("SELECT pg_advisory_unlock(%s)", (lock,))
             await lock_conn.commit()
 
 
 async def _release(ctx: StageContext, pool: Any, now: datetime.datetime) -> int:
     async with pool.connection() as conn:
-        rows = await (await conn.execute(DUE_ITEMS, {"now": now, "windows": WINDOWS_PER_ROUND})).fetchall()
+        rows = await (await conn.execute(DUE_ITEMS, {"now": now, "windows": WINDOWS_PER_ROUND,
+                                                      "prefix": ctx.settings.topic_prefix})).fetchall()
         await conn.commit()
     if not rows:
         return 0

@@ -42,7 +42,8 @@ DELETE_HOLDS = "DELETE FROM held_messages WHERE hold_id = ANY(%s)"
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A message to keep until `due_at`, then produce to `topic` (logical) again."""
+    """A message to keep until `due_at`, then produce to `topic` (logical) again. It is stored under the physical
+    name (the topic prefix included), so only this pipeline's releaser takes it."""
 
     hold_id: str
     topic: str
@@ -57,7 +58,7 @@ async def hold_all(ctx: StageContext, conn: Any, holds: Sequence[Hold]) -> None:
     """Keep `holds` (one statement, in the caller's transaction); a hold already kept is kept once."""
     if not holds:
         return
-    await conn.execute(INSERT_HOLDS, ([h.hold_id for h in holds], [h.topic for h in holds],
+    await conn.execute(INSERT_HOLDS, ([h.hold_id for h in holds], [ctx.topic(h.topic) for h in holds],
                                       [h.key.encode() for h in holds], [h.value for h in holds],
                                       [h.reason for h in holds], [h.notification_id for h in holds],
                                       [h.due_at for h in holds]))
@@ -66,14 +67,15 @@ async def hold_all(ctx: StageContext, conn: Any, holds: Sequence[Hold]) -> None:
 
 
 async def release_due(ctx: StageContext, logical_topics: Sequence[str], batch: int = 500) -> int:
-    """Produce every due hold for `logical_topics`; return how many were released."""
+    """Produce every due hold of this pipeline for `logical_topics`; return how many were released."""
+    logical_of = {ctx.topic(name): name for name in logical_topics}
     pool = await db.async_pool(ctx.settings)
     async with pool.connection() as conn, conn.transaction():
-        rows: list[Any] = await (await conn.execute(DUE_HOLDS, (list(logical_topics), batch))).fetchall()
+        rows: list[Any] = await (await conn.execute(DUE_HOLDS, (list(logical_of), batch))).fetchall()
         if not rows:
             return 0
         for _id, topic, key, value, _reason in rows:
-            ctx.send(topic, key, value, {HEADER_RELEASED: b"1"})
+            ctx.send(logical_of[topic], key, value, {HEADER_RELEASED: b"1"})
         await ctx.settle()  # acknowledged by Kafka before the rows go
         await conn.execute(DELETE_HOLDS, ([row[0] for row in rows],))
     for row in rows:

@@ -143,7 +143,7 @@ def build(ctx: StageContext) -> Stage:
             pool = await db.async_pool(ctx.settings)
             async with pool.connection() as conn:
                 await holds.hold_all(ctx, conn, to_hold)
-                await digests.hold_all(conn, to_digest)
+                await digests.hold_all(ctx, conn, to_digest)
                 if suppressed:
                     await conn.execute(INSERT_SUPPRESSED, tuple(map(list, zip(*suppressed, strict=True))))
 

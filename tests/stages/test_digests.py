@@ -155,8 +155,9 @@ def test_an_hourly_digest_is_one_email_for_the_window_sent_once_through_replays_
         conn.execute("DELETE FROM deliveries WHERE notification_id = ANY(%s::uuid[])", ([*item_ids, stale_id],))
         for nid, _end, raw in kept:
             conn.execute("INSERT INTO digest_items (notification_id, user_id, notification_type, frequency, "
-                         "window_end, address, request) VALUES (%s, %s, 'portfolio', 'hourly', %s, %s, %s)",
-                         (nid, user_id, moved[0], email, raw))
+                         "window_end, address, request, topic_prefix) "
+                         "VALUES (%s, %s, 'portfolio', 'hourly', %s, %s, %s, %s)",
+                         (nid, user_id, moved[0], email, raw, rig.settings.topic_prefix))
     wait_until("the repeated round done", lambda: held(rig, ids) == [], 30)
     time.sleep(3)  # whatever routing and the sender would do with the repeated digest
     assert len(rig.ledger_of([digest_id])) == 1
