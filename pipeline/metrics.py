@@ -28,7 +28,7 @@ HISTOGRAM_UNITS: Final = ("_seconds", "_size", "_bytes")
 LABELS: Final = frozenset({
     "lane", "stage", "channel", "provider", "type", "outcome", "reason", "state", "status", "result", "tier", "to",
     "kind", "route", "method", "category", "change", "action", "group", "topic", "logical_topic", "partition",
-    "currency", "stuck", "frequency",
+    "currency", "stuck", "frequency", "table",
     "country",  # bounded by pipeline.policy.regions: its calling-code table, the routing table's codes, other, none
 })
 ENABLED: Final[bool] = bool(config.value("metrics_enabled"))

@@ -19,6 +19,11 @@ from pipeline.config import Settings
 from pipeline.kafka import clients, topics
 from pipeline.state import db
 
+# The suite's own database on the local cluster (`notify stack up` creates it): `notify run` keeps `notify`, and its
+# reconciler never re-drives what tests leave behind. Set before any settings are read, and inherited by every
+# process a test starts.
+os.environ.setdefault("NOTIFY_POSTGRES_DB", "notify_test")
+
 
 @pytest.fixture(scope="session")
 def settings() -> Iterator[Settings]:

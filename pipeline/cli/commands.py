@@ -248,6 +248,22 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return dlq.run_dlq_cli(config.settings(), args.action, args.filter, args.position, args.dry_run, args.json)
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pipeline.ops import prune
+    from pipeline.state import db
+
+    async def once() -> prune.Outcome:
+        try:
+            return await prune.prune_once(config.settings(), dry_run=args.dry_run)
+        finally:
+            await db.close_async_pools()
+
+    print(asyncio.run(once()).render(dry_run=args.dry_run))
+    return 0
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     import asyncio
     import json

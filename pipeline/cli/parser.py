@@ -16,6 +16,7 @@ from pipeline.cli.commands import (
     cmd_kafka,
     cmd_keys,
     cmd_migrate,
+    cmd_prune,
     cmd_reconcile,
     cmd_replay,
     cmd_run,
@@ -175,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notification", action="append", default=[], metavar="ID",
                    help="with --once: only these notifications (repeatable), e.g. one a user asked about")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("prune", help="the retention sweep, once: delete finished notifications older than "
+                       "NOTIFY_RETENTION_DAYS (never inside the topics' replay window) with their deliveries, "
+                       "attempts and transitions, and old shadow results, published settings and redrive marks "
+                       "(the reconciler's worker runs it every NOTIFY_PRUNE_INTERVAL_S)")
+    p.add_argument("--dry-run", action="store_true", help="count what is due, delete nothing")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("bench", help="benchmark the whole pipeline (requests -> every stage -> the simulator's "
                        "ledger -> receipts) on topics, a database and Redis keys of its own, removed afterwards: "

@@ -27,7 +27,7 @@ __all__ = ["LOCAL_DB_NAME", "LOCAL_DB_PASSWORD", "LOCAL_DB_USER", "REPO_ROOT", "
 
 LOCAL_DB_USER = "notify"
 LOCAL_DB_PASSWORD = "notify"  # loopback-only development cluster; production sets DATABASE_URL
-LOCAL_DB_NAME = "notify"
+LOCAL_DB_NAME = str(SETTINGS["postgres_db"].default)  # what `notify run` uses; the tests set NOTIFY_POSTGRES_DB
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Settings:
     kafka_brokers: int
     database_url: str | None
     postgres_port: int
+    postgres_db: str
     prometheus_port: int
     prometheus_url: str | None
     redis_url: str | None
@@ -62,6 +63,9 @@ class Settings:
     sender_lease_s: int
     retry_delays_critical: tuple[float, ...]
     retry_delays_bulk: tuple[float, ...]
+    retention_days: int
+    shadow_retention_days: int
+    prune_interval_s: float
     reconcile_interval_s: float
     reconcile_lease_grace_s: float
     reconcile_unknown_after_s: float
@@ -131,7 +135,7 @@ class Settings:
     @property
     def dsn(self) -> str:
         return self.database_url or (
-            f"postgresql://{LOCAL_DB_USER}:{LOCAL_DB_PASSWORD}@127.0.0.1:{self.postgres_port}/{LOCAL_DB_NAME}"
+            f"postgresql://{LOCAL_DB_USER}:{LOCAL_DB_PASSWORD}@127.0.0.1:{self.postgres_port}/{self.postgres_db}"
         )
 
     @property

@@ -51,6 +51,10 @@ SETTINGS: dict[str, Setting] = {
         "DATABASE_URL", None,
         "Use this PostgreSQL database instead of starting one (postgresql://user:pass@host:port/db).", str),
     "postgres_port": Setting("NOTIFY_POSTGRES_PORT", "55432", "Local PostgreSQL port (127.0.0.1).", parse.port),
+    "postgres_db": Setting(
+        "NOTIFY_POSTGRES_DB", "notify",
+        "Database of the local PostgreSQL cluster (`notify stack up` creates and migrates it). The test suite uses "
+        "notify_test, so that `notify run` never sees (nor re-drives) what tests left behind.", parse.database_name),
     "prometheus_port": Setting("NOTIFY_PROMETHEUS_PORT", "59090", "Local Prometheus port (127.0.0.1).", parse.port),
     "prometheus_url": Setting(
         "PROMETHEUS_URL", None,
@@ -115,6 +119,19 @@ SETTINGS: dict[str, Setting] = {
     "retry_delays_bulk": Setting(
         "NOTIFY_RETRY_DELAYS_BULK", "30,120,600",
         "Delay of each bulk-lane retry tier in seconds, one per retry.bulk.<n> topic.", parse.delays),
+    # Retention (`notify prune`, and a sweep run by the reconciler's worker every NOTIFY_PRUNE_INTERVAL_S).
+    "retention_days": Setting(
+        "NOTIFY_RETENTION_DAYS", "365",
+        "How long a finished notification (its deliveries, attempts and state transitions) is kept after intake "
+        "received it. Never less than the longest topic retention plus a day: its unique key must outlive any "
+        "record a replay or redrive could bring back (a shorter value is raised to that).", parse.positive_int),
+    "shadow_retention_days": Setting(
+        "NOTIFY_SHADOW_RETENTION_DAYS", "30", "How long shadow-mode comparisons (shadow_results) are kept.",
+        parse.positive_int),
+    "prune_interval_s": Setting(
+        "NOTIFY_PRUNE_INTERVAL_S", "3600",
+        "How often the reconciler's worker runs the retention sweep (one elected sweeper per database).",
+        parse.positive_float),
     # Reconciliation (`notify reconcile`, and a loop in `notify worker --all` on one elected worker).
     "reconcile_interval_s": Setting(
         "NOTIFY_RECONCILE_INTERVAL_S", "120", "How often the reconciler sweeps for stuck deliveries.",

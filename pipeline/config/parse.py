@@ -60,6 +60,15 @@ def topic_prefix(raw: str) -> str:
     return raw
 
 
+def database_name(raw: str) -> str:
+    # Lower-case, since PostgreSQL folds unquoted names, and at most 63 bytes, its identifier limit.
+    if not (0 < len(raw) <= 63 and raw[0].isalpha() and all(c.isascii() and (c.isalnum() or c == "_") for c in raw)
+            and raw == raw.lower()):
+        raise ValueError(f"{raw!r}: a database name of 1..63 lower-case letters, digits and '_', starting with a "
+                         "letter")
+    return raw
+
+
 def providers(raw: str) -> tuple[str, ...]:
     names = tuple(p.strip() for p in raw.split(",") if p.strip())
     unknown = [p for p in names if p not in PROVIDERS]

@@ -35,6 +35,7 @@ from connectors.factory import create_connector
 from pipeline import metrics
 from pipeline.config import Settings
 from pipeline.kafka import clients, serde, topics
+from pipeline.ops.prune import RetentionSchedule
 from pipeline.policy import providers as routing
 from pipeline.policy import recovery
 from pipeline.policy.templates import TemplateError, render
@@ -272,7 +273,9 @@ class Reconciler:
         self._stopping.set()
 
     async def run(self) -> None:
-        """A round every NOTIFY_RECONCILE_INTERVAL_S until stop(); the first one soon after start."""
+        """A round every NOTIFY_RECONCILE_INTERVAL_S until stop(), the first one soon after start; and the retention
+        sweep when it is due (NOTIFY_PRUNE_INTERVAL_S), in the same process since both are elected per database."""
+        schedule = RetentionSchedule(self.settings)
         try:
             while not self._stopping.is_set():
                 try:
@@ -282,6 +285,11 @@ class Reconciler:
                 except Exception:  # the database may be down: the next round tries again
                     ERRORS.labels(self.ctx.stage, "", "round").inc()
                     log.exception("reconciliation round failed")
+                try:
+                    await schedule.maybe_sweep()
+                except Exception:  # likewise: the next interval tries again
+                    ERRORS.labels(self.ctx.stage, "", "retention").inc()
+                    log.exception("retention sweep failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.reconcile_interval_s)
         finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from pipeline.config import LOCAL_DB_NAME, LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
+from pipeline.config import LOCAL_DB_PASSWORD, LOCAL_DB_USER, Settings
 from pipeline.errors import StackError
 from pipeline.stack.common import OwnedProcess, ensure_debian_packages, find_binary, tail_text
 from pipeline.stack.service import LocalService
@@ -127,9 +127,10 @@ class PostgresService(LocalService):
         if self.external:
             return
         with psycopg.connect(self._admin_dsn(), autocommit=True, connect_timeout=5) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (LOCAL_DB_NAME,)).fetchone()
+            name = self.settings.postgres_db
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
             if not exists:
-                conn.execute(f'CREATE DATABASE "{LOCAL_DB_NAME}"')
+                conn.execute(f'CREATE DATABASE "{name}"')  # parse.database_name checked it
 
     def ready_for_setup(self, timeout_s: float) -> bool:
         """The server answers (before our database exists)."""

@@ -41,7 +41,8 @@ QUARANTINED = metrics.counter(
 ERRORS = metrics.counter(
     "notify_stage_errors_total", "Failures a worker caught and routed, by kind: message (a record broke the "
     "handler and was quarantined), infrastructure (a database, Redis or Kafka error; the batch is retried), "
-    "timer, consumer (Kafka reported an error), round (a reconciler round failed).", ["stage", "lane", "kind"])
+    "timer, consumer (Kafka reported an error), round (a reconciler round failed), retention (a retention sweep "
+    "failed).", ["stage", "lane", "kind"])
 EVENTS = metrics.counter(
     "notify_delivery_events_total", "Delivery events emitted, by status.", ["stage", "lane", "status"])
 

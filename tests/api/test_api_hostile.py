@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from psycopg.conninfo import make_conninfo
 from support.harness import TcpForwarder, bearer, lane_records, serving
 
 from pipeline.api.ingest import MAX_JSON_DEPTH
@@ -143,7 +144,7 @@ async def test_ingest_accepts_on_a_verified_key_while_postgresql_is_unreachable_
         applied: Settings, api_key: str, unique: str) -> None:
     forwarder = TcpForwarder(applied.postgres_port)
     through = dataclasses.replace(
-        applied, database_url=f"postgresql://notify:notify@127.0.0.1:{forwarder.port}/notify")
+        applied, database_url=make_conninfo(applied.dsn, port=forwarder.port))
     try:
         async with serving(through, key_cache_ttl_s=0.2) as client:
             before = await client.post("/v1/notifications", headers=bearer(api_key), json=otp(f"a-{unique}"))

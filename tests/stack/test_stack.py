@@ -18,14 +18,17 @@ import pytest
 from pipeline import stack
 from pipeline.config import Settings
 from pipeline.stack.common import OwnedProcess, wait_until
+from pipeline.state import db
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def notify(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user would, with `env` added to a clean copy of this environment."""
+    """Run the CLI as a user would, with `env` added to a clean copy of this environment (the suite's database
+    name kept: it is the one the session's stack serves)."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("NOTIFY_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "REDIS_URL")}
+    base["NOTIFY_POSTGRES_DB"] = os.environ["NOTIFY_POSTGRES_DB"]
     return subprocess.run([sys.executable, "-m", "pipeline", *args], env={**base, **(env or {})}, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -175,6 +178,17 @@ def test_unknown_or_malformed_settings_fail_with_a_message_naming_them() -> None
     bad = notify("config", env={"NOTIFY_REDIS_PORT": "70000"})
     assert bad.returncode == 1
     assert "NOTIFY_REDIS_PORT='70000' is malformed" in bad.stderr
+
+
+def test_the_suite_runs_on_a_database_of_its_own_and_a_bad_database_name_is_refused(settings: Settings) -> None:
+    assert settings.postgres_db == "notify_test"
+    assert settings.dsn.endswith(f":{settings.postgres_port}/notify_test")
+    with db.connect(settings) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("notify_test",)
+    for bad in ("Notify", "notify-test", "1notify", "x" * 64, 'a"; DROP DATABASE notify; --'):
+        refused = notify("config", env={"NOTIFY_POSTGRES_DB": bad})
+        assert refused.returncode == 1
+        assert "NOTIFY_POSTGRES_DB=" in refused.stderr and "is malformed" in refused.stderr
 
 
 def test_owned_process_records_survive_a_round_trip(tmp_path: Path) -> None:
