@@ -3,9 +3,10 @@ process, the simulator and the after-send workers (sender, retry, receipts, and 
 
 Data is made the way production makes it: SMS and email tasks go through the sender to the simulator and come back
 as receipts; one SMS exhausts its retry tiers into the DLQ; undecodable bytes on a send topic are quarantined. Each
-page is loaded after logging in with an admin key, checked for that data, and saved as a screenshot (docs/console/
-for the README, and the test's tmp_path). A DLQ redrive done through the page's dry run and confirmation reaches the
-simulator's ledger exactly once; forged posts (a tampered token, none, another site's form) are refused with 403.
+page is loaded after logging in with an admin key, checked for that data, and saved as a screenshot in the test's
+tmp_path (and, with UPDATE_SCREENSHOTS=1, in docs/console/ for the README: a plain run leaves the work tree clean).
+A DLQ redrive done through the page's dry run and confirmation reaches the simulator's ledger exactly once; forged
+posts (a tampered token, none, another site's form) are refused with 403.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pipeline.stages.worker import processes as processes_of
 from pipeline.state import db
 
 SCREENSHOTS = REPO_ROOT / "docs" / "console"
+UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS") == "1"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1400,1000")
@@ -125,17 +127,18 @@ def click(driver: webdriver.Chrome, by: str, value: str) -> None:
 
 
 def screenshot(driver: webdriver.Chrome, name: str, tmp_path: Path) -> None:
-    """The whole page (beyond the window, through the DevTools protocol) as docs/console/<name>.png and as a test
-    artifact."""
+    """The whole page (beyond the window, through the DevTools protocol) as a test artifact, and as
+    docs/console/<name>.png when UPDATE_SCREENSHOTS=1."""
     size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
         "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 6000), "scale": 1}})
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     png = base64.b64decode(shot["data"])
     assert png.startswith(b"\x89PNG")
-    (SCREENSHOTS / f"{name}.png").write_bytes(png)
     (tmp_path / f"{name}.png").write_bytes(png)
+    if UPDATE_SCREENSHOTS:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        (SCREENSHOTS / f"{name}.png").write_bytes(png)
 
 
 def cells(driver: webdriver.Chrome, table_id: str) -> list[list[str]]:
