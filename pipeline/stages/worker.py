@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 from pipeline.config import Settings
@@ -179,6 +180,33 @@ def run_all(settings: Settings, lanes: tuple[Lane, ...] = LANES, stages: tuple[s
         commands["exporter"] = ["exporter"]
     children = {name: _spawn(argv) for name, argv in commands.items()}
     print(f"workers: {len(children)} processes (pids {' '.join(str(c.pid) for c in children.values())})", flush=True)
+    scraped = _scrape_replicas(settings, [
+        (metrics_port(settings, stage, lane, n), {"stage": stage, "lane": lane, "replica": str(n)})
+        for stage, lane, n in replica_processes(lanes, stages, replicas) if n])
+    try:
+        return _supervise(commands, children)
+    finally:
+        if scraped is not None:
+            scraped.unlink(missing_ok=True)
+
+
+def _scrape_replicas(settings: Settings, entries: list[tuple[int, dict[str, str]]]) -> Path | None:
+    """Let the stack's Prometheus scrape the replicas after the first of each stage: its targets list the ports of
+    replica 0 (those `notify run` always uses), so this supervisor adds a file of its own, removed when it stops.
+    A Prometheus of someone else's (PROMETHEUS_URL) is configured where it runs. Without replicas, a file a killed
+    supervisor left is removed: its targets would show as workers down."""
+    from pipeline.stack import prometheus
+
+    if settings.prometheus_url is not None or not prometheus.config_dir(settings).is_dir():
+        return None
+    name = f"replicas-{settings.metrics_port}"
+    if not entries:
+        prometheus.remove_targets(settings, "workers", name)
+        return None
+    return prometheus.write_targets(settings, "workers", name, entries)
+
+
+def _supervise(commands: dict[str, list[str]], children: dict[str, subprocess.Popen[bytes]]) -> int:
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from pipeline.bench.sender_rig import states
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.domain import Lane
 from pipeline.kafka import clients, serde, topics
+from pipeline.stack import prometheus
 from pipeline.stages.runtime import ASSIGNMENT_STRATEGY
 from pipeline.stages.worker import metrics_port
 
@@ -125,6 +127,27 @@ def holdings(rig: LoopRig, stage: str, lane: Lane) -> list[tuple[int, float, flo
             table = metric(rig, stage, lane, replica, "notify_stage_table_partitions")
             out.append((replica, owned, table))
     return out
+
+
+def test_the_stacks_prometheus_scrapes_every_replica_the_supervisor_runs(rig: LoopRig) -> None:
+    """Its committed targets list replica 0 of each stage; the supervisor adds a file for the others."""
+    path = prometheus.config_dir(rig.settings) / "targets" / f"workers-replicas-{rig.settings.metrics_port}.json"
+    listed = json.loads(path.read_text())
+    replicas = {(metrics_port(rig.settings, stage, lane, 1), stage, lane)
+                for stage in ("intake", "preferences", "sender") for lane in ("critical", "bulk")}
+    assert {(int(t["targets"][0].rpartition(":")[2]), t["labels"]["stage"], t["labels"]["lane"])
+            for t in listed} == replicas
+    assert {t["labels"]["replica"] for t in listed} == {"1"}
+    ports = {port for port, _stage, _lane in replicas}
+
+    def scraped_up() -> set[int]:
+        url = f"http://127.0.0.1:{rig.settings.prometheus_port}/api/v1/targets?state=active"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            active = json.loads(response.read())["data"]["activeTargets"]
+        return {int(t["labels"]["instance"].rpartition(":")[2]) for t in active
+                if t["labels"].get("replica") == "1" and t["health"] == "up"} & ports
+
+    wait_until("Prometheus to scrape every replica", lambda: scraped_up() == ports, 60)
 
 
 def test_workers_joining_and_leaving_mid_burst_lose_nothing_repeat_nothing_and_tables_follow(
