@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from pipeline import metrics
@@ -91,6 +92,22 @@ WHERE d.notification_id = k.notification_id AND d.channel = k.channel AND d.acce
   AND d.state IN ('delivered', 'failed') AND d.provider_message_id = k.provider_message_id
 RETURNING d.notification_id::text, d.channel
 """
+# After a COMMIT whose answer was lost (the connection broke while PostgreSQL committed) the recording transaction
+# did happen: which of the batch's rows it moved, read back. A row is the transaction's when it holds this attempt
+# in the outcome recorded for it, or, for an acceptance, when the provider's receipt has moved it on since.
+RECORDED_BY_LOST_COMMIT = """
+SELECT d.notification_id::text, d.channel
+FROM deliveries d
+JOIN unnest(%(ids)s::uuid[], %(channels)s::text[], %(states)s::text[], %(attempt_nos)s::int[],
+            %(provider_ids)s::text[]) AS k(notification_id, channel, state, attempt_no, provider_message_id)
+  ON d.notification_id = k.notification_id AND d.channel = k.channel
+WHERE d.attempt_count = k.attempt_no AND d.lease_owner IS NULL
+  AND (d.state = k.state OR (k.state = 'accepted' AND d.state IN ('delivered', 'failed')
+                             AND d.provider_message_id = k.provider_message_id))
+"""
+# The recording transaction's id, asked for first thing (and the planner settings of db.BY_KEY_PLANS): with it,
+# a retry after a lost COMMIT answer asks pg_xact_status whether the first try committed, instead of guessing.
+BEGIN_RECORDING = "SELECT pg_current_xact_id()::text; " + db.BY_KEY_PLANS
 # A push call's row names its device (platform, token fingerprint): the attempt log holds each device's outcome.
 ATTEMPTS = """
 INSERT INTO notification_attempts (notification_id, channel, attempt_no, provider, outcome, response_status,
@@ -115,6 +132,7 @@ class OutcomeRecorder:
         self._send_latency = metrics.Children(SEND_LATENCY, ctx.lane)
         self.tiers = retry.tiers(ctx.settings, ctx.lane)
         self.delays = [delay for _, delay in self.tiers]
+        self._pending_xid: str | None = None  # the recording transaction of the last try, until it is known
 
     async def settle_unsent(self, conn: Any, tasks: Mapping[tuple[str, str], dict[str, Any]],
                             expired: Iterable[tuple[str, str]],
@@ -161,6 +179,7 @@ class OutcomeRecorder:
         started = time.monotonic()
         pause = RETRY_PAUSE_S[0]
         mark = len(self.ctx.staged)
+        self._pending_xid = None
         while True:
             try:
                 await self._record(jobs)
@@ -209,8 +228,42 @@ class OutcomeRecorder:
             tiers.append(retrying.tier if retrying else job.tiers_used)
         calls = [(job, call) for job in jobs for call in job.calls]
         pool = await db.async_pool(self.settings)
+        if await self._last_try_committed(pool):
+            async with pool.connection() as conn:
+                recorded = await (await conn.execute(RECORDED_BY_LOST_COMMIT, {
+                    "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs], "states": states,
+                    "attempt_nos": [j.attempt_no for j in jobs], "provider_ids": provider_ids})).fetchall()
+            log.warning("the database committed %d outcomes (attempts included) but its answer was lost: %d rows "
+                        "read back", len(jobs), len(recorded))
+        else:
+            recorded = await self._write(pool, jobs, calls, states, provider_names, provider_ids, codes, messages,
+                                         due, tiers, reduced)
+        self._after(jobs, calls, recorded, states, codes, messages, now)
+        await self._record_breakers(calls)
+
+    async def _last_try_committed(self, pool: Any) -> bool:
+        """Whether the previous try of this batch's recording committed although it raised (a lost COMMIT answer):
+        pg_xact_status of its transaction, waited for while PostgreSQL still finishes it."""
+        xid, self._pending_xid = self._pending_xid, None
+        if xid is None:
+            return False
+        for _ in range(50):
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,))).fetchone()
+            if row is None or row[0] != "in progress":
+                return row is not None and row[0] == "committed"
+            await asyncio.sleep(0.1)
+        self._pending_xid = xid  # still unknown: ask again on the next try
+        raise psycopg.OperationalError(f"transaction {xid} still in progress after 5 s")  # retried as the rest
+
+    async def _write(self, pool: Any, jobs: list[Job], calls: list[tuple[Job, Any]], states: list[str],
+                     provider_names: list[str | None], provider_ids: list[str | None], codes: list[str | None],
+                     messages: list[str | None], due: list[Any], tiers: list[int], reduced: list[bytes | None]
+                     ) -> list[tuple[str, str]]:
+        """The recording transaction: the rows still held move to their outcome, the attempts go to the log."""
         async with pool.connection() as conn, conn.transaction():
-            await conn.execute(db.BY_KEY_PLANS)
+            begun = await (await conn.execute(BEGIN_RECORDING)).fetchone()
+            self._pending_xid = str(begun[0]) if begun else None
             recorded = await (await conn.execute(RECORD, {
                 "owner": self.owner, "ids": [j.key[0] for j in jobs], "channels": [j.key[1] for j in jobs],
                 "states": states, "providers": provider_names, "provider_ids": provider_ids, "codes": codes,
@@ -238,15 +291,21 @@ class OutcomeRecorder:
                     "latencies": [round(c.outcome.latency_s * 1000) for _, c in calls],
                     "platforms": [c.device.platform if c.device else None for _, c in calls],
                     "fingerprints": [c.device.fingerprint if c.device else None for _, c in calls]})
-        mine = {(nid, ch) for nid, ch in recorded}
+        return [(str(nid), str(ch)) for nid, ch in recorded]
+
+    async def _record_breakers(self, calls: list[tuple[Job, Any]]) -> None:
         counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        latencies: dict[str, list[float]] = collections.defaultdict(list)
         for _, call in calls:
             counts[call.outcome.provider][0] += 1
             counts[call.outcome.provider][1] += policy.counts_against_provider(call.outcome.kind, call.outcome.reason)
-        latencies: dict[str, list[float]] = collections.defaultdict(list)
-        for _, call in calls:
             latencies[call.outcome.provider].append(call.outcome.latency_s)
         await self.board.record({p: (c, f) for p, (c, f) in counts.items()}, latencies)
+
+    def _after(self, jobs: list[Job], calls: list[tuple[Job, Any]], recorded: list[tuple[str, str]],
+               states: list[str], codes: list[str | None], messages: list[str | None], now: Any) -> None:
+        """For each row the recording moved: its event, its retry tier or DLQ record, its metrics."""
+        mine = set(recorded)
         for job, state, code, message in zip(jobs, states, codes, messages, strict=True):
             channel = job.key[1]
             if job.key not in mine:

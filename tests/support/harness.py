@@ -317,3 +317,61 @@ class TcpForwarder:
         self.cut()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class CommitAnswerLoser(TcpForwarder):
+    """A forwarder to PostgreSQL that, when armed, lets a transaction commit and loses the answer: in a transaction
+    whose statements carried `marker`, the COMMIT reaches the server, the server's reply is read and thrown away,
+    and the client's connection is broken. The client cannot tell whether its transaction committed; it did."""
+
+    def __init__(self, target_port: int, marker: bytes) -> None:
+        self.marker = marker
+        self.armed = 0  # how many more commit answers to lose
+        self.lost = 0  # how many were lost
+        super().__init__(target_port)
+
+    def arm(self, count: int = 1) -> None:
+        self.armed = count
+
+    async def _accept(self, reader: Any, writer: Any) -> None:
+        try:
+            upstream_reader, upstream_writer = await self._asyncio.open_connection("127.0.0.1", self._target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, upstream_writer}
+        state = {"marked": False, "swallowing": False}
+
+        async def to_server() -> None:
+            try:
+                while data := await reader.read(65536):
+                    if self.armed > 0 and self.marker in data:
+                        state["marked"] = True  # this transaction is the one
+                    if b"COMMIT\x00" in data or b"ROLLBACK\x00" in data:
+                        if state["marked"] and b"COMMIT\x00" in data and self.armed > 0:
+                            self.armed -= 1
+                            state["swallowing"] = True
+                        state["marked"] = False
+                    upstream_writer.write(data)
+                    await upstream_writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                upstream_writer.close()
+
+        async def to_client() -> None:
+            try:
+                while data := await upstream_reader.read(65536):
+                    if state["swallowing"] and b"COMMIT\x00" in data:  # CommandComplete of the COMMIT: committed
+                        self.lost += 1
+                        writer.transport.abort()
+                        upstream_writer.close()
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        await self._asyncio.gather(to_server(), to_client())
