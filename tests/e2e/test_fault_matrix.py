@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from psycopg.conninfo import make_conninfo
 from support.harness import TcpForwarder, read_topic
 from support.loop_rig import LoopRig, assert_each_once, delivered, produce_requests, start_loop, wait_until
 from support.loop_rig import mixed_requests as requests
@@ -51,7 +52,7 @@ def forwarders(settings: Settings) -> Iterator[tuple[TcpForwarder, TcpForwarder]
 @pytest.fixture(scope="module")
 def loop(settings: Settings, forwarders: tuple[TcpForwarder, TcpForwarder]) -> Iterator[LoopRig]:
     database, redis = forwarders
-    env = {"DATABASE_URL": f"postgresql://notify:notify@127.0.0.1:{database.port}/notify",
+    env = {"DATABASE_URL": make_conninfo(settings.dsn, port=database.port),
            "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
     yield from start_loop(settings, "tfault", STAGES, env)
 

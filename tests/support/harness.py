@@ -276,9 +276,12 @@ class TcpForwarder:
     def _call(self, coroutine: Any) -> Any:
         return self._asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
 
-    async def _pipe(self, reader: Any, writer: Any) -> None:
+    async def _pipe(self, reader: Any, writer: Any, passes: Callable[[bytes], bool] | None = None) -> None:
+        """Forward until either side closes; `passes` sees each chunk first, and False ends the pipe there."""
         try:
             while data := await reader.read(65536):
+                if passes is not None and not passes(data):
+                    return
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -293,6 +296,9 @@ class TcpForwarder:
             writer.close()
             return
         self._writers |= {writer, upstream_writer}
+        await self._relay(reader, writer, upstream_reader, upstream_writer)
+
+    async def _relay(self, reader: Any, writer: Any, upstream_reader: Any, upstream_writer: Any) -> None:
         await self._asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
 
     async def _start(self) -> None:
@@ -333,45 +339,26 @@ class CommitAnswerLoser(TcpForwarder):
     def arm(self, count: int = 1) -> None:
         self.armed = count
 
-    async def _accept(self, reader: Any, writer: Any) -> None:
-        try:
-            upstream_reader, upstream_writer = await self._asyncio.open_connection("127.0.0.1", self._target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, upstream_writer}
+    async def _relay(self, reader: Any, writer: Any, upstream_reader: Any, upstream_writer: Any) -> None:
         state = {"marked": False, "swallowing": False}
 
-        async def to_server() -> None:
-            try:
-                while data := await reader.read(65536):
-                    if self.armed > 0 and self.marker in data:
-                        state["marked"] = True  # this transaction is the one
-                    if b"COMMIT\x00" in data or b"ROLLBACK\x00" in data:
-                        if state["marked"] and b"COMMIT\x00" in data and self.armed > 0:
-                            self.armed -= 1
-                            state["swallowing"] = True
-                        state["marked"] = False
-                    upstream_writer.write(data)
-                    await upstream_writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
+        def to_server(data: bytes) -> bool:
+            if self.armed > 0 and self.marker in data:
+                state["marked"] = True  # this transaction is the one
+            if b"COMMIT\x00" in data or b"ROLLBACK\x00" in data:
+                if state["marked"] and b"COMMIT\x00" in data and self.armed > 0:
+                    self.armed -= 1
+                    state["swallowing"] = True
+                state["marked"] = False
+            return True
+
+        def to_client(data: bytes) -> bool:
+            if state["swallowing"] and b"COMMIT\x00" in data:  # CommandComplete of the COMMIT: it committed
+                self.lost += 1
+                writer.transport.abort()
                 upstream_writer.close()
+                return False
+            return True
 
-        async def to_client() -> None:
-            try:
-                while data := await upstream_reader.read(65536):
-                    if state["swallowing"] and b"COMMIT\x00" in data:  # CommandComplete of the COMMIT: committed
-                        self.lost += 1
-                        writer.transport.abort()
-                        upstream_writer.close()
-                        return
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
-
-        await self._asyncio.gather(to_server(), to_client())
+        await self._asyncio.gather(self._pipe(reader, upstream_writer, to_server),
+                                   self._pipe(upstream_reader, writer, to_client))
