@@ -132,6 +132,7 @@ def holdings(rig: LoopRig, stage: str, lane: Lane) -> list[tuple[int, float, flo
 def test_the_stacks_prometheus_scrapes_every_replica_the_supervisor_runs(rig: LoopRig) -> None:
     """Its committed targets list replica 0 of each stage; the supervisor adds a file for the others."""
     path = prometheus.config_dir(rig.settings) / "targets" / f"workers-replicas-{rig.settings.metrics_port}.json"
+    wait_until("the supervisor's targets file", path.exists, 60)  # written once it has started every replica
     listed = json.loads(path.read_text())
     replicas = {(metrics_port(rig.settings, stage, lane, 1), stage, lane)
                 for stage in ("intake", "preferences", "sender") for lane in ("critical", "bulk")}
