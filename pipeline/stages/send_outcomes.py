@@ -238,7 +238,7 @@ class OutcomeRecorder:
         else:
             recorded = await self._write(pool, jobs, calls, states, provider_names, provider_ids, codes, messages,
                                          due, tiers, reduced)
-        self._after(jobs, calls, recorded, states, codes, messages, now)
+        self._after(jobs, recorded, states, codes, messages, now)
         await self._record_breakers(calls)
 
     async def _last_try_committed(self, pool: Any) -> bool:
@@ -302,8 +302,8 @@ class OutcomeRecorder:
             latencies[call.outcome.provider].append(call.outcome.latency_s)
         await self.board.record({p: (c, f) for p, (c, f) in counts.items()}, latencies)
 
-    def _after(self, jobs: list[Job], calls: list[tuple[Job, Any]], recorded: list[tuple[str, str]],
-               states: list[str], codes: list[str | None], messages: list[str | None], now: Any) -> None:
+    def _after(self, jobs: list[Job], recorded: list[tuple[str, str]], states: list[str], codes: list[str | None],
+               messages: list[str | None], now: Any) -> None:
         """For each row the recording moved: its event, its retry tier or DLQ record, its metrics."""
         mine = set(recorded)
         for job, state, code, message in zip(jobs, states, codes, messages, strict=True):
